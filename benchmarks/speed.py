@@ -1,0 +1,459 @@
+"""Wall-clock speed benchmark: ``sb3_softac.SAC`` vs ``stable_baselines3.SAC`` (and SBX when installed).
+
+Both implementations are trained side by side in one process, on the same environment, with the same
+hyper-parameters (library defaults: one gradient step per env step, 256x256 MLPs, batch 256) and the same seed.
+
+For every environment the script reports
+
+* env steps/s of a whole ``learn()`` call after a warm-up ``learn()`` (so the random-action phase of
+  ``learning_starts`` and one-off allocations are excluded), as the median over alternating repetitions
+  (A, B, A, B, ...) plus min/max, and the median of the paired per-repetition ratios;
+* milliseconds per gradient step, timed by calling ``model.train(gradient_steps=G, batch_size=B)`` directly
+  on the already-filled replay buffer, median and inter-quartile range over repetitions;
+* a FLOP floor for one SAC gradient step of this network configuration, the time that floor takes at the
+  measured fp32 GEMM throughput of this machine (256x256x256 ``torch.mm``) and the implied maximum steps/s.
+
+Run ``python benchmarks/speed.py`` (about 6-10 min on a 2-core machine); quick check:
+``python benchmarks/speed.py --envs Pendulum-v1 --steps 300 --reps 3 --warmup 300 --grad-steps 50``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DEFAULT_ENVS: tuple[str, ...] = ("Pendulum-v1", "HalfCheetah-v5")
+REFERENCE_LABEL = "SB3"
+
+
+@dataclass
+class Contender:
+    """One SAC implementation under test."""
+
+    label: str
+    module: str
+    sac_cls: Any
+    version: str
+
+
+@dataclass
+class EnvResult:
+    """Raw timings for one environment, keyed by contender label."""
+
+    env_id: str
+    obs_dim: int
+    act_dim: int
+    steps_per_s: dict[str, list[float]] = field(default_factory=dict)
+    ms_per_grad_step: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Threads / CPU pinning
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pinned_threads(n_threads: int) -> Iterator[str]:
+    """Set torch intra/inter-op threads to ``n_threads``; with one thread also pin the process to one CPU.
+
+    Yields a human readable description of the setting. The previous thread count and CPU affinity are
+    restored on exit (matters when ``main`` is called from tests, irrelevant for a command-line run).
+    """
+    import torch
+
+    old_threads = torch.get_num_threads()
+    old_affinity: set[int] | None = None
+    torch.set_num_threads(n_threads)
+    with contextlib.suppress(RuntimeError):  # only allowed before the first inter-op parallel work
+        torch.set_num_interop_threads(n_threads)
+    pin = "not pinned"
+    if n_threads == 1 and hasattr(os, "sched_setaffinity"):
+        try:
+            old_affinity = os.sched_getaffinity(0)
+            core = min(old_affinity)
+            os.sched_setaffinity(0, {core})
+            pin = f"pinned to CPU {core}"
+        except OSError as exc:  # pragma: no cover - depends on the container
+            pin = f"pinning failed ({exc})"
+    try:
+        yield f"torch threads={torch.get_num_threads()}, {pin}"
+    finally:
+        torch.set_num_threads(old_threads)
+        if old_affinity is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, old_affinity)
+
+
+def configure_jax_threads(n_threads: int) -> None:
+    """Ask XLA for single-threaded CPU execution; must run before ``jax`` is imported."""
+    if n_threads == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        extra = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        if "xla_cpu_multi_thread_eigen" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Contenders
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _version(module_name: str) -> str:
+    """Best-effort version string of an importable module or its distribution."""
+    module = sys.modules.get(module_name)
+    version = getattr(module, "__version__", None)
+    if isinstance(version, str):
+        return version
+    dist = {"stable_baselines3": "stable-baselines3", "sbx": "sbx-rl"}.get(module_name, module_name)
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def load_contenders(ours_module: str, with_sbx: bool) -> list[Contender]:
+    """Import the SAC classes: ours first, SB3 (the reference) second, SBX third when importable."""
+    contenders: list[Contender] = []
+    ours_label = "sb3_softac" if ours_module == "sb3_softac" else f"ours[{ours_module}]"
+    for label, module_name in ((ours_label, ours_module), (REFERENCE_LABEL, "stable_baselines3")):
+        module = importlib.import_module(module_name)
+        contenders.append(Contender(label, module_name, module.SAC, _version(module_name)))
+    if with_sbx:
+        try:
+            sbx = importlib.import_module("sbx")
+        except Exception:  # noqa: BLE001 - sbx/jax may fail in many ways; it is optional
+            pass
+        else:
+            contenders.append(Contender("SBX", "sbx", sbx.SAC, _version("sbx")))
+    return contenders
+
+
+def make_model(contender: Contender, env_id: str, args: argparse.Namespace) -> Any:
+    """Build a SAC model with the shared hyper-parameters of this benchmark."""
+    import gymnasium as gym
+
+    return contender.sac_cls(
+        "MlpPolicy",
+        gym.make(env_id),
+        batch_size=args.batch_size,
+        learning_starts=args.learning_starts,
+        policy_kwargs={"net_arch": list(args.net_arch)},
+        seed=args.seed,
+        verbose=0,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOP floor
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _layers(in_dim: int, hidden: Sequence[int], out_dim: int) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of every linear layer of an MLP."""
+    sizes = [in_dim, *hidden, out_dim]
+    return list(zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def _macs(layers: Sequence[tuple[int, int]]) -> int:
+    """Multiply-adds of one forward pass (per sample) through ``layers``."""
+    return sum(fan_in * fan_out for fan_in, fan_out in layers)
+
+
+def sac_step_flops(obs_dim: int, act_dim: int, hidden: Sequence[int], batch_size: int, n_critics: int = 2) -> float:
+    """Minimal matmul FLOPs of one SAC gradient step (2 FLOPs per multiply-add).
+
+    Counted per sample, then multiplied by the batch size:
+
+    * actor forward on ``obs`` (policy loss, entropy-coefficient loss) and its backward
+      (weight gradients of every layer, input gradients of every layer but the first);
+    * actor forward on ``next_obs`` (target, no backward);
+    * target critics forward on (``next_obs``, next action);
+    * critics forward on (``obs``, buffer action) plus backward for the critic loss (weight gradients of every
+      layer, input gradients of every layer but the first);
+    * critics forward on (``obs``, policy action) plus the backward to the actions only for the actor loss
+      (input gradients, and for the first layer only the action columns; no critic weight gradients).
+
+    Biases, activations, log-prob / tanh-squashing math, the optimiser update and the Polyak update are
+    O(parameters) or O(batch x width) element-wise work and are left out, so this is a floor, not an estimate.
+    """
+    actor = _layers(obs_dim, hidden, 2 * act_dim)  # mean and log-std heads fused: same multiply-adds
+    critic = _layers(obs_dim + act_dim, hidden, 1)
+    actor_fwd = _macs(actor)
+    critic_fwd = _macs(critic)
+    actor_bwd = actor_fwd + _macs(actor[1:])
+    critic_bwd = critic_fwd + _macs(critic[1:])
+    critic_bwd_to_actions = _macs(critic[1:]) + critic[0][1] * act_dim
+    per_sample = (
+        actor_fwd  # actor on obs
+        + actor_bwd
+        + actor_fwd  # actor on next_obs
+        + n_critics * critic_fwd  # target critics
+        + n_critics * (critic_fwd + critic_bwd)  # critic loss
+        + n_critics * (critic_fwd + critic_bwd_to_actions)  # actor loss through the critics
+    )
+    return 2.0 * per_sample * batch_size
+
+
+def measure_gemm_gflops(size: int = 256, blocks: int = 7, per_block: int = 200) -> float:
+    """Median fp32 ``torch.mm`` throughput (GFLOP/s) at ``size``^3 under the current torch thread setting."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen)
+    b = torch.randn(size, size, generator=gen)
+    out = torch.empty(size, size)
+    for _ in range(per_block):
+        torch.mm(a, b, out=out)
+    rates = []
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(per_block):
+            torch.mm(a, b, out=out)
+        elapsed = time.perf_counter() - start
+        rates.append(2.0 * size**3 * per_block / elapsed / 1e9)
+    return statistics.median(rates)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _space_dim(space: Any) -> int:
+    """Flattened size of a Box space."""
+    shape = getattr(space, "shape", None) or (1,)
+    dim = 1
+    for size in shape:
+        dim *= int(size)
+    return dim
+
+
+def bench_env(env_id: str, contenders: Sequence[Contender], args: argparse.Namespace) -> EnvResult:
+    """Time ``learn()`` and ``train()`` of every contender on ``env_id`` with alternating repetitions."""
+    import gymnasium as gym
+
+    probe = gym.make(env_id)
+    result = EnvResult(env_id, _space_dim(probe.observation_space), _space_dim(probe.action_space))
+    probe.close()
+
+    models: dict[str, Any] = {}
+    for contender in contenders:
+        try:
+            model = make_model(contender, env_id, args)
+            model.learn(total_timesteps=args.warmup)
+        except Exception as exc:  # noqa: BLE001 - report and keep benchmarking the others
+            result.errors[contender.label] = f"{type(exc).__name__}: {exc}"
+            continue
+        models[contender.label] = model
+        result.steps_per_s[contender.label] = []
+        result.ms_per_grad_step[contender.label] = []
+        _log(args, f"  {contender.label}: warm-up of {args.warmup} steps done")
+
+    for rep in range(args.reps):
+        for label, model in models.items():
+            before = int(model.num_timesteps)
+            start = time.perf_counter()
+            model.learn(total_timesteps=args.steps, reset_num_timesteps=False)
+            elapsed = time.perf_counter() - start
+            result.steps_per_s[label].append((int(model.num_timesteps) - before) / elapsed)
+        _log(args, f"  learn rep {rep + 1}/{args.reps}: " + _fmt_last(result.steps_per_s, "steps/s"))
+
+    for label, model in models.items():  # untimed: first call may allocate / JIT-compile for this G
+        model.train(gradient_steps=args.grad_steps, batch_size=args.batch_size)
+    for rep in range(args.grad_reps):
+        for label, model in models.items():
+            start = time.perf_counter()
+            model.train(gradient_steps=args.grad_steps, batch_size=args.batch_size)
+            elapsed = time.perf_counter() - start
+            result.ms_per_grad_step[label].append(1e3 * elapsed / args.grad_steps)
+        _log(args, f"  train rep {rep + 1}/{args.grad_reps}: " + _fmt_last(result.ms_per_grad_step, "ms/grad step"))
+    return result
+
+
+def _fmt_last(values: dict[str, list[float]], unit: str) -> str:
+    """Progress line with the latest value of every contender."""
+    return ", ".join(f"{label} {vals[-1]:.2f}" for label, vals in values.items() if vals) + f" {unit}"
+
+
+def _log(args: argparse.Namespace, message: str) -> None:
+    """Progress output on stderr (stdout carries only the report)."""
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartile (inclusive method; the value itself for a single sample)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def _paired_ratios(ours: Sequence[float], ref: Sequence[float], invert: bool) -> list[float]:
+    """Per-repetition speed-ups vs the reference (``ref/ours`` for times, ``ours/ref`` for rates)."""
+    return [(r / o) if invert else (o / r) for o, r in zip(ours, ref, strict=False) if o > 0 and r > 0]
+
+
+def _fmt_ratio(ratios: Sequence[float]) -> str:
+    """Median paired ratio with its range."""
+    if not ratios:
+        return "n/a"
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def render_report(results: Sequence[EnvResult], contenders: Sequence[Contender], args: argparse.Namespace,
+                  gemm_gflops: float, header: str) -> str:
+    """Markdown report: throughput table and FLOP-floor table."""
+    lines = [header, ""]
+    lines += [
+        "| env | algo | learn steps/s (median) | steps/s min-max | speed-up vs SB3 (learn) "
+        "| ms/grad step (median) | ms/grad step IQR | speed-up vs SB3 (grad step) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        ref_rate = res.steps_per_s.get(REFERENCE_LABEL, [])
+        ref_ms = res.ms_per_grad_step.get(REFERENCE_LABEL, [])
+        for contender in contenders:
+            label = contender.label
+            if label in res.errors:
+                lines.append(f"| {res.env_id} | {label} | error: {res.errors[label]} | | | | | |")
+                continue
+            rates = res.steps_per_s[label]
+            ms = res.ms_per_grad_step[label]
+            q1, q3 = _quartiles(ms)
+            is_ref = label == REFERENCE_LABEL
+            learn_ratio = "1.00x (ref)" if is_ref else _fmt_ratio(_paired_ratios(rates, ref_rate, invert=False))
+            grad_ratio = "1.00x (ref)" if is_ref else _fmt_ratio(_paired_ratios(ms, ref_ms, invert=True))
+            lines.append(
+                f"| {res.env_id} | {label} | {statistics.median(rates):.1f} | {min(rates):.1f}-{max(rates):.1f} "
+                f"| {learn_ratio} | {statistics.median(ms):.2f} | {q1:.2f}-{q3:.2f} | {grad_ratio} |"
+            )
+    lines += [
+        "",
+        f"FLOP floor per gradient step (matmuls only; fp32 GEMM 256x256x256 measured at {gemm_gflops:.1f} GFLOP/s "
+        f"with {args.threads} thread(s)):",
+        "",
+        "| env | obs dim | act dim | GFLOP/grad step | floor ms/grad step | floor max steps/s "
+        + "".join(f"| {c.label} ms / floor " for c in contenders)
+        + "|",
+        "|---|---:|---:|---:|---:|---:" + "|---:" * len(contenders) + "|",
+    ]
+    for res in results:
+        flops = sac_step_flops(res.obs_dim, res.act_dim, args.net_arch, args.batch_size)
+        floor_ms = 1e3 * flops / (gemm_gflops * 1e9)
+        cells = []
+        for contender in contenders:
+            ms = res.ms_per_grad_step.get(contender.label)
+            cells.append(f"{statistics.median(ms) / floor_ms:.1f}x" if ms else "n/a")
+        lines.append(
+            f"| {res.env_id} | {res.obs_dim} | {res.act_dim} | {flops / 1e9:.3f} | {floor_ms:.2f} "
+            f"| {1e3 / floor_ms:.0f} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        f"learn: {args.reps} alternating repetitions of learn({args.steps}, reset_num_timesteps=False) after a "
+        f"{args.warmup}-step warm-up learn (learning_starts={args.learning_starts}); speed-ups are medians of "
+        "paired per-repetition ratios (range in brackets). grad step: "
+        f"{args.grad_reps} repetitions of train(gradient_steps={args.grad_steps}, batch_size={args.batch_size}).",
+    ]
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo, or the platform's processor string."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line interface."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("extra_envs", nargs="*", metavar="ENV_ID", help="extra Gymnasium ids to benchmark")
+    parser.add_argument("--envs", nargs="+", default=None, help=f"replace the default envs {list(DEFAULT_ENVS)}")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 also pins to one CPU (default 1)")
+    parser.add_argument("--steps", type=int, default=1000, help="env steps per measured learn() (default 1000)")
+    parser.add_argument("--reps", type=int, default=5, help="alternating learn() repetitions (default 5)")
+    parser.add_argument("--warmup", type=int, default=500, help="env steps of the untimed warm-up learn() (500)")
+    parser.add_argument("--grad-steps", type=int, default=100, help="gradient steps per timed train() (100)")
+    parser.add_argument("--grad-reps", type=int, default=5, help="timed train() repetitions (default 5)")
+    parser.add_argument("--batch-size", type=int, default=256, help="SAC batch size (default 256, as SB3)")
+    parser.add_argument("--net-arch", type=int, nargs="+", default=[256, 256], help="hidden sizes (256 256)")
+    parser.add_argument("--learning-starts", type=int, default=100, help="random-action steps (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="seed shared by all implementations (default 0)")
+    parser.add_argument("--no-sbx", action="store_true", help="skip SBX even when it is installed")
+    parser.add_argument("--json", default=None, help="also write raw timings to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    # Development switch: module providing the "ours" SAC (e.g. stable_baselines3 to test the script itself).
+    parser.add_argument("--ours-module", default="sb3_softac", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup <= args.learning_starts:
+        parser.error("--warmup must exceed --learning-starts so that the timed learn() is all training")
+    if min(args.steps, args.reps, args.grad_steps, args.grad_reps, args.threads) < 1:
+        parser.error("--steps, --reps, --grad-steps, --grad-reps and --threads must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Run the benchmark, print the markdown report on stdout and return it."""
+    args = parse_args(argv)
+    envs = list(dict.fromkeys([*(args.envs or DEFAULT_ENVS), *args.extra_envs]))
+    configure_jax_threads(args.threads)
+    with pinned_threads(args.threads) as thread_info:
+        contenders = load_contenders(args.ours_module, with_sbx=not args.no_sbx)
+        gemm = measure_gemm_gflops()
+        _log(args, f"{thread_info}; GEMM {gemm:.1f} GFLOP/s; contenders: {[c.label for c in contenders]}")
+        results = []
+        for env_id in envs:
+            _log(args, f"{env_id}:")
+            results.append(bench_env(env_id, contenders, args))
+    import torch
+
+    header = (
+        "## SAC speed: " + " vs ".join(f"{c.label} {c.version}" for c in contenders) + "\n\n"
+        f"CPU: {_cpu_model()}; {thread_info}; torch {torch.__version__}; Python {platform.python_version()}; "
+        f"net_arch={list(args.net_arch)}, batch_size={args.batch_size}, UTD=1, seed={args.seed}"
+    )
+    report = render_report(results, contenders, args, gemm, header)
+    print(report, flush=True)
+    if args.json:
+        payload = {
+            "args": vars(args),
+            "gemm_gflops": gemm,
+            "contenders": [{"label": c.label, "module": c.module, "version": c.version} for c in contenders],
+            "results": [asdict(r) for r in results],
+        }
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""Soft Actor-Critic on top of SB3's off-policy machinery (``learn``, buffers, callbacks, save/load)."""
+
+import contextlib
+import io
+import pathlib
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, ReplayBufferSamples, Schedule
+from stable_baselines3.common.utils import get_parameters_by_name
+from torch import nn
+
+from sb3_softac import checkpoints
+from sb3_softac.losses import actor_loss, critic_loss, min_over_critics, soft_q_target, soft_state_value, temperature_loss
+from sb3_softac.policies import Actor, CnnPolicy, Critic, MlpPolicy, MultiInputPolicy, SACPolicy
+
+SelfSAC = TypeVar("SelfSAC", bound="SAC")
+
+# What one gradient step reports, in the order of the rows of the statistics tensor.
+_STATS = ("critic_loss", "actor_loss", "ent_coef_loss", "ent_coef", "entropy", "mean_q")
+_LOSSES = {"critic_loss": "critic loss", "actor_loss": "actor loss", "ent_coef_loss": "entropy coefficient loss"}
+
+
+def _parse_ent_coef(ent_coef: str | float) -> tuple[bool, float]:
+    """Read ``ent_coef``: ``"auto"``, ``"auto_<initial value>"`` or a non-negative number.
+
+    :return: whether the coefficient is learned, and its (initial) value
+    """
+    if isinstance(ent_coef, str):
+        head, _, initial = ent_coef.partition("_")
+        if head == "auto":
+            try:
+                value = float(initial) if initial else 1.0
+            except ValueError:
+                value = float("nan")
+            if not value > 0.0 or not np.isfinite(value):
+                raise ValueError(
+                    f"ent_coef={ent_coef!r} is malformed: write 'auto', or 'auto_<initial value>' with a positive "
+                    "initial value such as 'auto_0.1', or give a fixed non-negative number such as 0.2."
+                )
+            return True, value
+    try:
+        value = float(ent_coef)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value >= 0.0 or not np.isfinite(value):
+        raise ValueError(
+            f"ent_coef={ent_coef!r} is not valid: give a fixed non-negative number such as 0.2, "
+            "or 'auto' / 'auto_<initial value>' to learn it."
+        )
+    return False, value
+
+
+def _parse_target_entropy(target_entropy: str | float, action_space: spaces.Space) -> float:
+    """Read ``target_entropy``: ``"auto"`` gives ``-dim(A)`` (SAC paper, section 5), else a number."""
+    if isinstance(target_entropy, str) and target_entropy == "auto":
+        return -float(np.prod(action_space.shape))
+    if not isinstance(target_entropy, bool):
+        with contextlib.suppress(TypeError, ValueError):
+            value = float(target_entropy)
+            if np.isfinite(value):
+                return value
+    raise ValueError(f"target_entropy={target_entropy!r} is not valid: give 'auto' (= -action_dim) or a finite number.")
+
+
+@contextlib.contextmanager
+def _frozen(parameters: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Build graphs that give no gradient to ``parameters`` (but still to their inputs)."""
+    frozen = [p for p in parameters if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _optimize(optimizer: th.optim.Optimizer, loss: th.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+class SAC(OffPolicyAlgorithm):
+    """Soft Actor-Critic (Haarnoja et al. 2018, arXiv:1801.01290 and arXiv:1812.05905).
+
+    A drop-in replacement for ``stable_baselines3.SAC``: the same constructor arguments, defaults,
+    attributes, logger keys and saved files, with its own policy classes and a faster update.
+
+    :param policy: the policy model to use (``MlpPolicy``, ``CnnPolicy``, ``MultiInputPolicy``) or class
+    :param env: the environment to learn from (a Gymnasium id is created for you)
+    :param learning_rate: learning rate of every optimizer, a float or a schedule of the remaining progress
+    :param buffer_size: replay buffer size
+    :param learning_starts: number of environment steps collected before learning starts
+    :param batch_size: minibatch size of each gradient step
+    :param tau: Polyak coefficient of the target critics, in ``(0, 1]``
+    :param gamma: discount factor
+    :param train_freq: update the model every ``train_freq`` steps, or ``(n, "step")`` / ``(n, "episode")``
+    :param gradient_steps: gradient steps after each rollout; -1 does as many as environment steps collected
+    :param action_noise: optional action noise added during rollouts
+    :param replay_buffer_class: replay buffer class (e.g. ``HerReplayBuffer``); chosen for you when None
+    :param replay_buffer_kwargs: keyword arguments of the replay buffer
+    :param optimize_memory_usage: use the memory-efficient replay buffer variant
+    :param n_steps: n-step returns (uses SB3's ``NStepReplayBuffer`` when no buffer class is given)
+    :param ent_coef: entropy coefficient ``alpha``: a fixed number, ``"auto"`` to learn it from 1.0,
+        or ``"auto_<x>"`` to learn it from ``x``
+    :param target_update_interval: update the target critics every this many gradient steps
+    :param target_entropy: target entropy of the learned ``alpha``: ``"auto"`` for ``-dim(A)``, or a number
+    :param use_sde: use generalized State-Dependent Exploration (gSDE)
+    :param sde_sample_freq: draw a new gSDE noise matrix every n steps (-1: only at rollout start)
+    :param use_sde_at_warmup: use gSDE instead of uniform sampling before learning starts
+    :param stats_window_size: number of episodes the rollout statistics are averaged over
+    :param tensorboard_log: tensorboard log directory (None: no tensorboard)
+    :param policy_kwargs: keyword arguments of the policy (see :class:`~sb3_softac.policies.SACPolicy`)
+    :param verbose: 0 silent, 1 info, 2 debug
+    :param seed: random seed
+    :param device: device to run on (``"auto"``, ``"cpu"``, ``"cuda"``, ...)
+    :param _init_setup_model: whether to build the networks on creation
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+    policy: SACPolicy
+    actor: Actor
+    critic: Critic
+    critic_target: Critic
+
+    def __init__(
+        self,
+        policy: str | type[SACPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 3e-4,
+        buffer_size: int = 1_000_000,
+        learning_starts: int = 100,
+        batch_size: int = 256,
+        tau: float = 0.005,
+        gamma: float = 0.99,
+        train_freq: int | tuple[int, str] = 1,
+        gradient_steps: int = 1,
+        action_noise: ActionNoise | None = None,
+        replay_buffer_class: type[ReplayBuffer] | None = None,
+        replay_buffer_kwargs: dict[str, Any] | None = None,
+        optimize_memory_usage: bool = False,
+        n_steps: int = 1,
+        ent_coef: str | float = "auto",
+        target_update_interval: int = 1,
+        target_entropy: str | float = "auto",
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        use_sde_at_warmup: bool = False,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau={tau} is outside (0, 1]: use e.g. 0.005 for slow Polyak averaging, 1.0 to copy.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer, e.g. 256.")
+        if gradient_steps < -1:
+            raise ValueError(
+                f"gradient_steps={gradient_steps} is below -1: give a number of steps >= 0, or -1 to do as many "
+                "gradient steps as environment steps collected."
+            )
+        if target_update_interval < 1:
+            raise ValueError(f"target_update_interval={target_update_interval} must be a positive integer.")
+        _parse_ent_coef(ent_coef)
+        super().__init__(
+            policy,
+            env,
+            learning_rate,
+            buffer_size,
+            learning_starts,
+            batch_size,
+            tau,
+            gamma,
+            train_freq,
+            gradient_steps,
+            action_noise,
+            replay_buffer_class=replay_buffer_class,
+            replay_buffer_kwargs=replay_buffer_kwargs,
+            optimize_memory_usage=optimize_memory_usage,
+            n_steps=n_steps,
+            policy_kwargs=policy_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            use_sde_at_warmup=use_sde_at_warmup,
+            supported_action_spaces=(spaces.Box,),
+            support_multi_env=True,
+        )
+        if env is not None:
+            _parse_target_entropy(target_entropy, self.action_space)
+        self.target_entropy = target_entropy
+        self.ent_coef = ent_coef
+        self.target_update_interval = target_update_interval
+        self.log_ent_coef: th.Tensor | None = None
+        self.ent_coef_optimizer: th.optim.Optimizer | None = None
+        self.ent_coef_tensor: th.Tensor | None = None
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self._create_aliases()
+        self.batch_norm_stats = get_parameters_by_name(self.critic, ["running_"])
+        self.batch_norm_stats_target = get_parameters_by_name(self.critic_target, ["running_"])
+        self.target_entropy = _parse_target_entropy(self.target_entropy, self.action_space)
+        learned, value = _parse_ent_coef(self.ent_coef)
+        if learned:
+            # alpha is optimised through log(alpha), which keeps it positive (see losses.temperature_loss).
+            self.log_ent_coef = th.full((1,), np.log(value), device=self.device, requires_grad=True)
+            self.ent_coef_optimizer = th.optim.Adam([self.log_ent_coef], lr=self.lr_schedule(1))
+        else:
+            self.ent_coef_tensor = th.tensor(value, device=self.device)
+
+    def _create_aliases(self) -> None:
+        self.actor = self.policy.actor
+        self.critic = self.policy.critic
+        self.critic_target = self.policy.critic_target
+
+    def _current_ent_coef(self) -> th.Tensor:
+        """``alpha`` as a scalar tensor without gradient."""
+        if self.log_ent_coef is not None:
+            return self.log_ent_coef.detach().exp().squeeze(0)
+        assert self.ent_coef_tensor is not None
+        return self.ent_coef_tensor
+
+    def train(self, gradient_steps: int, batch_size: int = 64) -> None:
+        self.policy.set_training_mode(True)
+        optimizers = [self.actor.optimizer, self.critic.optimizer]
+        if self.ent_coef_optimizer is not None:
+            optimizers.append(self.ent_coef_optimizer)
+        self._update_learning_rate(optimizers)
+
+        # Statistics stay on the device until the end of the call: no host sync per gradient step.
+        stats = th.empty((gradient_steps, len(_STATS)), device=self.device)
+        for step in range(gradient_steps):
+            replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+            stats[step] = self._gradient_step(replay_data)
+            if (self._n_updates + step) % self.target_update_interval == 0:
+                self._update_target_critics()
+        self._record_stats(stats.cpu().numpy())
+        self._n_updates += gradient_steps
+
+    def _gradient_step(self, replay_data: ReplayBufferSamples) -> th.Tensor:
+        """One SAC update of temperature, critics and actor, in the order of SB3's SAC.
+
+        :return: the statistics named in ``_STATS``, as one detached tensor
+        """
+        discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
+        if self.use_sde:
+            # The exploration matrix depends on log_std, which changes at every step.
+            self.actor.reset_noise()
+        actions_pi, log_prob = self.actor.action_log_prob(replay_data.observations)
+        log_prob = log_prob.reshape(-1, 1)
+
+        ent_coef = self._current_ent_coef()
+        if self.log_ent_coef is not None:
+            assert self.ent_coef_optimizer is not None and isinstance(self.target_entropy, float)
+            ent_coef_loss = temperature_loss(self.log_ent_coef, log_prob, self.target_entropy)
+            _optimize(self.ent_coef_optimizer, ent_coef_loss)
+        else:
+            ent_coef_loss = th.zeros((), device=self.device)
+
+        with th.no_grad():
+            next_actions, next_log_prob = self.actor.action_log_prob(replay_data.next_observations)
+            next_q_values = min_over_critics(self.critic_target.q_values(replay_data.next_observations, next_actions))
+            next_value = soft_state_value(next_q_values, next_log_prob.reshape(-1, 1), ent_coef)
+            target_q_values = soft_q_target(replay_data.rewards, replay_data.dones, discounts, next_value)
+
+        current_q_values = self.critic.q_values(replay_data.observations, replay_data.actions)
+        loss_q = critic_loss(current_q_values, target_q_values)
+        _optimize(self.critic.optimizer, loss_q)
+
+        # The actor's gradient goes through the critics to the actions only, not into their weights.
+        with _frozen(self._critic_parameters()):
+            q_values_pi = min_over_critics(self.critic.q_values(replay_data.observations, actions_pi))
+        loss_pi = actor_loss(q_values_pi, log_prob, ent_coef)
+        _optimize(self.actor.optimizer, loss_pi)
+
+        return th.stack(
+            [loss_q, loss_pi, ent_coef_loss.reshape(()), ent_coef, -log_prob.mean(), current_q_values.mean()]
+        ).detach()
+
+    def _critic_parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.critic.optimizer.param_groups for p in group["params"]]
+
+    def _update_target_critics(self) -> None:
+        """Polyak averaging ``theta_target <- (1 - tau) theta_target + tau theta``; batch-norm statistics are copied."""
+        with th.no_grad():
+            for target, source in zip(self.critic_target.parameters(), self.critic.parameters(), strict=True):
+                target.lerp_(source, self.tau)
+            for target, source in zip(self.batch_norm_stats_target, self.batch_norm_stats, strict=True):
+                target.copy_(source)
+
+    def _record_stats(self, stats: np.ndarray) -> None:
+        """Log the mean statistics of a ``train`` call; stop on the first non-finite loss."""
+        for column, name in enumerate(_STATS):
+            if name in _LOSSES and not np.isfinite(stats[:, column]).all():
+                step = int(np.flatnonzero(~np.isfinite(stats[:, column]))[0])
+                raise FloatingPointError(
+                    f"SAC stopped: the {_LOSSES[name]} is {stats[step, column]} at gradient step "
+                    f"{self._n_updates + step + 1} (timestep {self.num_timesteps}). The model's parameters can no "
+                    "longer be trusted. Check the environment's observations and rewards for NaN/inf (wrap it in "
+                    "VecCheckNan to find the source) and for very large magnitudes (try VecNormalize), or lower the "
+                    "learning rate."
+                )
+        means = dict(zip(_STATS, stats.mean(axis=0).tolist(), strict=True))
+        self.logger.record("train/n_updates", self._n_updates + len(stats), exclude="tensorboard")
+        self.logger.record("train/ent_coef", means["ent_coef"])
+        self.logger.record("train/actor_loss", means["actor_loss"])
+        self.logger.record("train/critic_loss", means["critic_loss"])
+        if self.log_ent_coef is not None:
+            self.logger.record("train/ent_coef_loss", means["ent_coef_loss"])
+        self.logger.record("train/entropy", means["entropy"])
+        self.logger.record("train/mean_q", means["mean_q"])
+
+    def learn(
+        self: SelfSAC,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 4,
+        tb_log_name: str = "SAC",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfSAC:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfSAC],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfSAC:
+        """Load a model saved by :meth:`save`; anything that is not an sb3_softac SAC model is refused.
+
+        Takes the arguments of ``BaseAlgorithm.load``.
+        """
+        checkpoints.check_is_softac_model(path)
+        return super().load(
+            path,
+            env=env,
+            device=device,
+            custom_objects=custom_objects,
+            print_system_info=print_system_info,
+            force_reset=force_reset,
+            **kwargs,
+        )
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "actor", "critic", "critic_target"]
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        state_dicts = ["policy", "actor.optimizer", "critic.optimizer"]
+        if self.ent_coef_optimizer is not None:
+            state_dicts.append("ent_coef_optimizer")
+            return state_dicts, ["log_ent_coef"]
+        return state_dicts, ["ent_coef_tensor"]

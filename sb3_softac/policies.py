@@ -207,6 +207,8 @@ class Critic(BaseModel):
     :param layer_norm: whether to add layer normalisation in the hidden layers (DroQ)
     """
 
+    features_extractor: BaseFeaturesExtractor
+
     def __init__(
         self,
         observation_space: spaces.Space,
@@ -382,7 +384,7 @@ class SACPolicy(BasePolicy):
         # A fused Adam step is one kernel instead of a dozen per parameter tensor; it is the same update.
         if self.optimizer_class in (th.optim.Adam, th.optim.AdamW) and not {"fused", "foreach"} & kwargs.keys():
             kwargs["fused"] = True
-        return self.optimizer_class(params, lr=lr, **kwargs)
+        return self.optimizer_class(params, lr=lr, **kwargs)  # type: ignore[call-arg]
 
     def _build(self, lr_schedule: Schedule) -> None:
         self.actor = self.make_actor()
@@ -463,16 +465,14 @@ MlpPolicy = SACPolicy
 class CnnPolicy(SACPolicy):
     """:class:`SACPolicy` whose default features extractor is SB3's ``NatureCNN``, for images."""
 
-    def __init__(
-        self, *args: Any, features_extractor_class: type[BaseFeaturesExtractor] = NatureCNN, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("features_extractor_class", NatureCNN)
+        super().__init__(*args, **kwargs)
 
 
 class MultiInputPolicy(SACPolicy):
     """:class:`SACPolicy` whose default features extractor is SB3's ``CombinedExtractor``, for dicts."""
 
-    def __init__(
-        self, *args: Any, features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, features_extractor_class=features_extractor_class, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("features_extractor_class", CombinedExtractor)
+        super().__init__(*args, **kwargs)

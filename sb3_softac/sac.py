@@ -18,7 +18,14 @@ from stable_baselines3.common.utils import get_parameters_by_name
 from torch import nn
 
 from sb3_softac import checkpoints
-from sb3_softac.losses import actor_loss, critic_loss, min_over_critics, soft_q_target, soft_state_value, temperature_loss
+from sb3_softac.losses import (
+    actor_loss,
+    critic_loss,
+    min_over_critics,
+    soft_q_target,
+    soft_state_value,
+    temperature_loss,
+)
 from sb3_softac.policies import Actor, CnnPolicy, Critic, MlpPolicy, MultiInputPolicy, SACPolicy
 
 SelfSAC = TypeVar("SelfSAC", bound="SAC")
@@ -61,7 +68,7 @@ def _parse_ent_coef(ent_coef: str | float) -> tuple[bool, float]:
 def _parse_target_entropy(target_entropy: str | float, action_space: spaces.Space) -> float:
     """Read ``target_entropy``: ``"auto"`` gives ``-dim(A)`` (SAC paper, section 5), else a number."""
     if isinstance(target_entropy, str) and target_entropy == "auto":
-        return -float(np.prod(action_space.shape))
+        return -float(np.prod(action_space.shape or ()))
     if not isinstance(target_entropy, bool):
         with contextlib.suppress(TypeError, ValueError):
             value = float(target_entropy)
@@ -275,7 +282,8 @@ class SAC(OffPolicyAlgorithm):
 
         ent_coef = self._current_ent_coef()
         if self.log_ent_coef is not None:
-            assert self.ent_coef_optimizer is not None and isinstance(self.target_entropy, float)
+            assert self.ent_coef_optimizer is not None
+            assert isinstance(self.target_entropy, float)
             ent_coef_loss = temperature_loss(self.log_ent_coef, log_prob, self.target_entropy)
             _optimize(self.ent_coef_optimizer, ent_coef_loss)
         else:
@@ -307,10 +315,10 @@ class SAC(OffPolicyAlgorithm):
     def _update_target_critics(self) -> None:
         """Polyak averaging ``theta_target <- (1 - tau) theta_target + tau theta``; batch-norm statistics are copied."""
         with th.no_grad():
-            for target, source in zip(self.critic_target.parameters(), self.critic.parameters(), strict=True):
-                target.lerp_(source, self.tau)
-            for target, source in zip(self.batch_norm_stats_target, self.batch_norm_stats, strict=True):
-                target.copy_(source)
+            for target_param, param in zip(self.critic_target.parameters(), self.critic.parameters(), strict=True):
+                target_param.lerp_(param, self.tau)
+            for target_stat, stat in zip(self.batch_norm_stats_target, self.batch_norm_stats, strict=True):
+                target_stat.copy_(stat)
 
     def _record_stats(self, stats: np.ndarray) -> None:
         """Log the mean statistics of a ``train`` call; stop on the first non-finite loss."""
@@ -353,7 +361,7 @@ class SAC(OffPolicyAlgorithm):
         )
 
     @classmethod
-    def load(  # type: ignore[override]
+    def load(
         cls: type[SelfSAC],
         path: str | pathlib.Path | io.BufferedIOBase,
         env: GymEnv | None = None,

@@ -39,14 +39,12 @@ class EnsembleLinear(nn.Module):
     def forward(self, x: th.Tensor) -> th.Tensor:
         """
         :param x: shape ``(batch, in)``, shared by all members, or ``(n, batch, in)``, one input per member
-        :return: shape ``(n, batch, out)``
+        :return: shape ``(n, batch, out)``, contiguous
         """
         if x.dim() == 2:
-            # A shared input is one GEMM against all members' weights side by side.
-            batch = x.shape[0]
-            flat_weight = self.weight.transpose(0, 1).reshape(self.in_features, -1)
-            out = (x @ flat_weight).view(batch, self.n_members, self.out_features).transpose(0, 1)
-            return out + self.bias
+            # A shared input is broadcast without a copy; the result stays contiguous per member, which keeps
+            # the elementwise ops that follow (and their backward) on their fast path.
+            x = x.expand(self.n_members, *x.shape)
         return th.baddbmm(self.bias, x, self.weight)
 
     def extra_repr(self) -> str:

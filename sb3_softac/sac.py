@@ -3,6 +3,7 @@
 import contextlib
 import io
 import pathlib
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, TypeVar
 
@@ -174,8 +175,11 @@ class SAC(OffPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
-        if not 0.0 < tau <= 1.0:
+        if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau={tau} is outside (0, 1]: use e.g. 0.005 for slow Polyak averaging, 1.0 to copy.")
+        if tau == 0.0:
+            # SB3 accepts tau=0 (its own tests use it to freeze the targets), so it is allowed, but loudly.
+            warnings.warn("tau=0 freezes the target critics: they will never learn.", UserWarning, stacklevel=2)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer, e.g. 256.")
         if gradient_steps < -1:
@@ -235,7 +239,7 @@ class SAC(OffPolicyAlgorithm):
         if learned:
             # alpha is optimised through log(alpha), which keeps it positive (see losses.temperature_loss).
             self.log_ent_coef = th.full((1,), np.log(value), device=self.device, requires_grad=True)
-            self.ent_coef_optimizer = th.optim.Adam([self.log_ent_coef], lr=self.lr_schedule(1))
+            self.ent_coef_optimizer = th.optim.Adam([self.log_ent_coef], lr=self.lr_schedule(1), fused=True)
         else:
             self.ent_coef_tensor = th.tensor(value, device=self.device)
 

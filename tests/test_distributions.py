@@ -43,7 +43,9 @@ def test_sampled_log_prob_matches_torch_distributions() -> None:
     th.manual_seed(0)
     gaussian_actions = mean + log_std.exp() * th.randn_like(mean)
     th.testing.assert_close(actions, th.tanh(gaussian_actions))
-    th.testing.assert_close(log_prob.double(), reference_log_prob(gaussian_actions, mean, log_std), atol=1e-5, rtol=1e-5)
+    th.testing.assert_close(
+        log_prob.double(), reference_log_prob(gaussian_actions, mean, log_std), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_sampling_is_reparameterised() -> None:

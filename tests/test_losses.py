@@ -30,7 +30,9 @@ def test_soft_q_target_by_hand() -> None:
 
 
 def test_soft_q_target_with_per_sample_discounts() -> None:
-    target = soft_q_target(th.tensor([[0.0], [0.0]]), th.zeros(2, 1), th.tensor([[0.5], [0.25]]), th.tensor([[2.0], [2.0]]))
+    target = soft_q_target(
+        th.tensor([[0.0], [0.0]]), th.zeros(2, 1), th.tensor([[0.5], [0.25]]), th.tensor([[2.0], [2.0]])
+    )
     th.testing.assert_close(target, th.tensor([[1.0], [0.5]]))
 
 

@@ -20,7 +20,7 @@ BATCH = 64
 LEARNING_RATE = 3e-4
 
 
-def _pair(env, **kwargs):  # noqa: ANN001, ANN202
+def _pair(env, **kwargs):
     kwargs = dict(learning_starts=0, batch_size=BATCH, learning_rate=LEARNING_RATE, seed=0, **kwargs)
     kwargs.setdefault("policy_kwargs", dict(net_arch=[32, 32]))
     reference = sb3.SAC("MlpPolicy", env, **kwargs)
@@ -29,7 +29,7 @@ def _pair(env, **kwargs):  # noqa: ANN001, ANN202
     return reference, ours
 
 
-def _batch(env) -> ReplayBufferSamples:  # noqa: ANN001
+def _batch(env) -> ReplayBufferSamples:
     generator = th.Generator().manual_seed(1)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     return ReplayBufferSamples(
@@ -41,7 +41,7 @@ def _batch(env) -> ReplayBufferSamples:  # noqa: ANN001
     )
 
 
-def _train_step(model, batch: ReplayBufferSamples, n_steps: int = 1) -> dict[str, float]:  # noqa: ANN001
+def _train_step(model, batch: ReplayBufferSamples, n_steps: int = 1) -> dict[str, float]:
     model.replay_buffer.sample = lambda *args, **kwargs: batch
     model.set_logger(configure(None, []))
     th.manual_seed(1234)  # both draw their action noise from the global generator, in the same order
@@ -49,7 +49,7 @@ def _train_step(model, batch: ReplayBufferSamples, n_steps: int = 1) -> dict[str
     return {key: float(value) for key, value in model.logger.name_to_value.items()}
 
 
-def _assert_same_parameters(reference, ours, atol: float) -> None:  # noqa: ANN001
+def _assert_same_parameters(reference, ours, atol: float) -> None:
     expected = reference.policy.state_dict()
     converted = state_dict_to_sb3(ours.policy.state_dict())
     assert converted.keys() == expected.keys()
@@ -59,7 +59,7 @@ def _assert_same_parameters(reference, ours, atol: float) -> None:  # noqa: ANN0
 
 
 @pytest.mark.parametrize("n_critics", [1, 2, 3])
-def test_one_update_matches_sb3_exactly_without_its_epsilon(box_env, n_critics: int) -> None:  # noqa: ANN001
+def test_one_update_matches_sb3_exactly_without_its_epsilon(box_env, n_critics: int) -> None:
     reference, ours = _pair(box_env, policy_kwargs=dict(net_arch=[32, 32], n_critics=n_critics))
     reference.actor.action_dist.epsilon = 0.0
     batch = _batch(box_env)
@@ -70,7 +70,7 @@ def test_one_update_matches_sb3_exactly_without_its_epsilon(box_env, n_critics: 
     _assert_same_parameters(reference, ours, atol=1e-6)
 
 
-def test_updates_match_sb3_up_to_its_epsilon(box_env) -> None:  # noqa: ANN001
+def test_updates_match_sb3_up_to_its_epsilon(box_env) -> None:
     reference, ours = _pair(box_env)
     batch = _batch(box_env)
     expected, logged = _train_step(reference, batch, n_steps=3), _train_step(ours, batch, n_steps=3)
@@ -80,7 +80,7 @@ def test_updates_match_sb3_up_to_its_epsilon(box_env) -> None:  # noqa: ANN001
     _assert_same_parameters(reference, ours, atol=1e-6)
 
 
-def test_fixed_ent_coef_update_matches_sb3(box_env) -> None:  # noqa: ANN001
+def test_fixed_ent_coef_update_matches_sb3(box_env) -> None:
     reference, ours = _pair(box_env, ent_coef=0.1)
     reference.actor.action_dist.epsilon = 0.0
     batch = _batch(box_env)
@@ -93,7 +93,7 @@ def test_fixed_ent_coef_update_matches_sb3(box_env) -> None:  # noqa: ANN001
         th.testing.assert_close(value, expected_state[key], atol=1e-6, rtol=0.0)
 
 
-def test_deterministic_actions_match_sb3(box_env) -> None:  # noqa: ANN001
+def test_deterministic_actions_match_sb3(box_env) -> None:
     reference, ours = _pair(box_env)
     observations = np.stack([box_env.observation_space.sample() for _ in range(16)])
     np.testing.assert_allclose(

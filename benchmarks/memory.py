@@ -175,8 +175,19 @@ def run_case(module: str, env_id: str, buffer_size: int, optimize: bool, fill: s
 
 def spawn_case(module: str, args: argparse.Namespace, optimize: bool) -> dict[str, Any]:
     """Run one case in a fresh Python subprocess and parse its JSON line."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "--_module", module, "--env", args.env,
-           "--buffer-size", str(args.buffer_size), "--fill", args.fill]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_worker",
+        "--_module",
+        module,
+        "--env",
+        args.env,
+        "--buffer-size",
+        str(args.buffer_size),
+        "--fill",
+        args.fill,
+    ]
     if optimize:
         cmd.append("--_optimize")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -207,7 +218,8 @@ def render(results: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
         lines.append(
             f"| {label} | {res['optimize_memory_usage']} | {res['handle_timeout_termination']} | {res['obs_dtype']} "
             f"| {res['rss_import_mib']:.0f} | {res['rss_model_mib']:.0f} | {res['peak_mib']:.0f} "
-            f"| {res['peak_mib'] - res['rss_model_mib']:.0f} | {res['peak_mib'] - res['rss_import_mib']:.0f} | {res['storage_mib']:.0f} | {res['fill_s']:.1f} |"
+            f"| {res['peak_mib'] - res['rss_model_mib']:.0f} | {res['peak_mib'] - res['rss_import_mib']:.0f} "
+            f"| {res['storage_mib']:.0f} | {res['fill_s']:.1f} |"
         )
     lines += [
         "",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import importlib
 import importlib.metadata
@@ -190,10 +191,8 @@ def init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-    try:
+    with contextlib.suppress(RuntimeError):  # only allowed once, before inter-op parallel work
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set in this process
-        pass
 
 
 def evaluate(model: Any, env: Any, n_episodes: int) -> list[float]:
@@ -291,7 +290,10 @@ def render_table(runs: Sequence[dict[str, Any]]) -> str:
         "| diff ours - SB3 | Welch p | train min/run ours / SB3 |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    per_seed = ["| env | steps | algo | seed | final return (mean of eval episodes) | train s |", "|---|---:|---|---:|---:|---:|"]
+    per_seed = [
+        "| env | steps | algo | seed | final return (mean of eval episodes) | train s |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for (env_id, steps), by_role in _groups(runs).items():
         ours, ref = by_role.get("ours", []), by_role.get("ref", [])
         ours_vals = [r["final_mean"] for r in ours]
@@ -308,7 +310,8 @@ def render_table(runs: Sequence[dict[str, Any]]) -> str:
         )
         for run in ours + ref:
             per_seed.append(
-                f"| {env_id} | {steps} | {run['label']} | {run['seed']} | {run['final_mean']:.1f} | {run['train_s']:.0f} |"
+                f"| {env_id} | {steps} | {run['label']} | {run['seed']} | {run['final_mean']:.1f} "
+                f"| {run['train_s']:.0f} |"
             )
     return "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(per_seed)
 
@@ -333,8 +336,13 @@ def plot_curves(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
             means = [m for m, _ in stats]
             half = [0.0 if math.isnan(h) else h for _, h in stats]
             ax.plot(xs, means, color=color, label=f"{_label(group, role)} (n={len(group)})")
-            ax.fill_between(xs, [m - h for m, h in zip(means, half, strict=True)],
-                            [m + h for m, h in zip(means, half, strict=True)], color=color, alpha=0.2)
+            ax.fill_between(
+                xs,
+                [m - h for m, h in zip(means, half, strict=True)],
+                [m + h for m, h in zip(means, half, strict=True)],
+                color=color,
+                alpha=0.2,
+            )
         ax.set_title(f"SAC on {env_id}, {steps} steps (mean +- 95% CI over seeds)")
         ax.set_xlabel("environment steps")
         ax.set_ylabel("deterministic episode return")
@@ -374,8 +382,13 @@ def report(runs: Sequence[dict[str, Any]], out_dir: Path, tag: str, header: str)
 def _versions(ours_module: str) -> dict[str, str]:
     """Versions of the packages that matter for the results."""
     out = {"python": platform.python_version()}
-    for name, dist in ((ours_module, ours_module), ("sb3", "stable-baselines3"), ("torch", "torch"),
-                       ("gymnasium", "gymnasium"), ("mujoco", "mujoco")):
+    for name, dist in (
+        (ours_module, ours_module),
+        ("sb3", "stable-baselines3"),
+        ("torch", "torch"),
+        ("gymnasium", "gymnasium"),
+        ("mujoco", "mujoco"),
+    ):
         try:
             out[name] = importlib.metadata.version(dist.replace("_", "-"))
         except importlib.metadata.PackageNotFoundError:
@@ -393,8 +406,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=None, help="learning-curve eval period (default steps/10)")
     parser.add_argument("--eval-episodes", type=int, default=10, help="final deterministic eval episodes (10)")
     parser.add_argument("--curve-episodes", type=int, default=5, help="episodes per learning-curve point (5)")
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                        else os.cpu_count() or 1, help="parallel worker processes (default: available CPUs)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+        help="parallel worker processes (default: available CPUs)",
+    )
     parser.add_argument("--net-arch", type=int, nargs="+", default=None, help="override hidden sizes (both algos)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None, help="only regenerate table/plots")
@@ -432,8 +449,20 @@ def build_jobs(configs: Sequence[Config], args: argparse.Namespace) -> list[Job]
             hyperparams["policy_kwargs"] = {"net_arch": list(args.net_arch)}
         for seed in range(config.seeds):
             for role, label, module in (("ours", ours_label, args.ours_module), ("ref", "SB3", REF_MODULE)):
-                jobs.append(Job(config.env_id, config.steps, seed, role, label, module, hyperparams,
-                                config.eval_every, args.eval_episodes, args.curve_episodes))
+                jobs.append(
+                    Job(
+                        config.env_id,
+                        config.steps,
+                        seed,
+                        role,
+                        label,
+                        module,
+                        hyperparams,
+                        config.eval_every,
+                        args.eval_episodes,
+                        args.curve_episodes,
+                    )
+                )
     return jobs
 
 
@@ -488,16 +517,19 @@ def main(argv: Sequence[str] | None = None) -> str:
     def on_done(result: dict[str, Any]) -> None:
         runs.append(result)
         _write_json(json_path, meta, runs)
-        print(f"[{len(runs)}/{len(jobs)} {time.perf_counter() - start:.0f}s] {result['env_id']} {result['label']} "
-              f"seed {result['seed']}: final {result['final_mean']:.1f} (train {result['train_s']:.0f}s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{len(runs)}/{len(jobs)} {time.perf_counter() - start:.0f}s] {result['env_id']} {result['label']} "
+            f"seed {result['seed']}: final {result['final_mean']:.1f} (train {result['train_s']:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     run_jobs(jobs, args.jobs, on_done)
+    hyperparams = {job.env_id: job.hyperparams for job in jobs}
     header = (
         f"## SAC final-return parity ({tag})\n\n"
         f"Deterministic return of the final policy, mean over {args.eval_episodes} episodes per seed; "
-        f"hyper-parameters: RL-Zoo sac.yml / SB3 defaults ({ {c.env_id: ZOO_HYPERPARAMS.get(c.env_id, {}) for c in configs} }"
-        f"{'' if not args.net_arch else f', net_arch={args.net_arch}'}); versions: {meta['versions']}"
+        f"hyper-parameters on top of the defaults (RL-Zoo sac.yml): {hyperparams}; versions: {meta['versions']}"
     )
     return report(runs, out_dir, tag, header)
 

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -133,7 +134,7 @@ def load_contenders(ours_module: str, with_sbx: bool) -> list[Contender]:
     if with_sbx:
         try:
             sbx = importlib.import_module("sbx")
-        except Exception:  # noqa: BLE001 - sbx/jax may fail in many ways; it is optional
+        except Exception:  # sbx/jax may fail in many ways; it is optional
             pass
         else:
             contenders.append(Contender("SBX", "sbx", sbx.SAC, _version("sbx")))
@@ -163,7 +164,7 @@ def make_model(contender: Contender, env_id: str, args: argparse.Namespace) -> A
 def _layers(in_dim: int, hidden: Sequence[int], out_dim: int) -> list[tuple[int, int]]:
     """(fan_in, fan_out) of every linear layer of an MLP."""
     sizes = [in_dim, *hidden, out_dim]
-    return list(zip(sizes[:-1], sizes[1:], strict=True))
+    return list(itertools.pairwise(sizes))
 
 
 def _macs(layers: Sequence[tuple[int, int]]) -> int:
@@ -253,7 +254,7 @@ def bench_env(env_id: str, contenders: Sequence[Contender], args: argparse.Names
         try:
             model = make_model(contender, env_id, args)
             model.learn(total_timesteps=args.warmup)
-        except Exception as exc:  # noqa: BLE001 - report and keep benchmarking the others
+        except Exception as exc:  # report and keep benchmarking the others
             result.errors[contender.label] = f"{type(exc).__name__}: {exc}"
             continue
         models[contender.label] = model
@@ -270,7 +271,7 @@ def bench_env(env_id: str, contenders: Sequence[Contender], args: argparse.Names
             result.steps_per_s[label].append((int(model.num_timesteps) - before) / elapsed)
         _log(args, f"  learn rep {rep + 1}/{args.reps}: " + _fmt_last(result.steps_per_s, "steps/s"))
 
-    for label, model in models.items():  # untimed: first call may allocate / JIT-compile for this G
+    for model in models.values():  # untimed: first call may allocate / JIT-compile for this G
         model.train(gradient_steps=args.grad_steps, batch_size=args.batch_size)
     for rep in range(args.grad_reps):
         for label, model in models.items():
@@ -320,8 +321,13 @@ def _fmt_ratio(ratios: Sequence[float]) -> str:
     return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
-def render_report(results: Sequence[EnvResult], contenders: Sequence[Contender], args: argparse.Namespace,
-                  gemm_gflops: float, header: str) -> str:
+def render_report(
+    results: Sequence[EnvResult],
+    contenders: Sequence[Contender],
+    args: argparse.Namespace,
+    gemm_gflops: float,
+    header: str,
+) -> str:
     """Markdown report: throughput table and FLOP-floor table."""
     lines = [header, ""]
     lines += [
@@ -362,8 +368,8 @@ def render_report(results: Sequence[EnvResult], contenders: Sequence[Contender],
         floor_ms = 1e3 * flops / (gemm_gflops * 1e9)
         cells = []
         for contender in contenders:
-            ms = res.ms_per_grad_step.get(contender.label)
-            cells.append(f"{statistics.median(ms) / floor_ms:.1f}x" if ms else "n/a")
+            timings = res.ms_per_grad_step.get(contender.label)
+            cells.append(f"{statistics.median(timings) / floor_ms:.1f}x" if timings else "n/a")
         lines.append(
             f"| {res.env_id} | {res.obs_dim} | {res.act_dim} | {flops / 1e9:.3f} | {floor_ms:.2f} "
             f"| {1e3 / floor_ms:.0f} | " + " | ".join(cells) + " |"
@@ -380,11 +386,10 @@ def render_report(results: Sequence[EnvResult], contenders: Sequence[Contender],
 
 def _cpu_model() -> str:
     """CPU model name from /proc/cpuinfo, or the platform's processor string."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or "?"
 
 

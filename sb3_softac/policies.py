@@ -5,7 +5,7 @@ These modules build networks and evaluate them; the distributions' math lives in
 """
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch as th
 from gymnasium import spaces
@@ -26,6 +26,7 @@ from torch import nn
 from sb3_softac.distributions import (
     LOG_STD_MAX,
     LOG_STD_MIN,
+    categorical_probs,
     sample_squashed_gaussian,
     squashed_gaussian_log_prob,
 )
@@ -34,6 +35,21 @@ from sb3_softac.networks import EnsembleMLP
 # gSDE's per-dimension variance is a quadratic form in the latent features; this floor keeps the
 # standard deviation positive when every feature is zero (e.g. all ReLUs inactive).
 _SDE_VARIANCE_FLOOR = 1e-6
+
+
+class PolicySample(NamedTuple):
+    """What the SAC objectives need from the policy at a batch of states (see :mod:`sb3_softac.losses`).
+
+    Continuous policies give one reparameterised action per state; discrete ones give the probability
+    of every action, so that expectations over actions are exact.
+    """
+
+    #: reparameterised squashed actions ``(batch, action_dim)``; None for discrete policies
+    actions: th.Tensor | None
+    #: ``log pi(a|s)``: ``(batch, 1)`` for the sampled action, or ``(batch, n_actions)`` for every action
+    log_prob: th.Tensor
+    #: ``pi(a|s)`` of every action ``(batch, n_actions)``; None for continuous policies
+    probs: th.Tensor | None
 
 
 class Actor(BasePolicy):
@@ -186,15 +202,91 @@ class Actor(BasePolicy):
         log_prob = squashed_gaussian_log_prob(gaussian_actions, mean_actions, 0.5 * th.log(variance))
         return th.tanh(gaussian_actions), log_prob
 
+    def evaluate(self, obs: PyTorchObs) -> PolicySample:
+        """A reparameterised action and its log-probability at each state, for the SAC objectives."""
+        actions, log_prob = self.action_log_prob(obs)
+        return PolicySample(actions, log_prob.reshape(-1, 1), None)
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        return self(observation, deterministic)
+
+
+class CategoricalActor(BasePolicy):
+    """Categorical policy over ``Discrete`` actions (discrete SAC, Christodoulou 2019).
+
+    :param observation_space: observation space
+    :param action_space: action space (``Discrete``)
+    :param net_arch: hidden layer sizes of the policy network
+    :param features_extractor: network that turns observations into features
+    :param features_dim: number of features
+    :param activation_fn: activation function
+    :param normalize_images: whether to divide image observations by 255
+    """
+
+    action_space: spaces.Discrete
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Discrete,
+        net_arch: list[int],
+        features_extractor: BaseFeaturesExtractor,
+        features_dim: int,
+        activation_fn: type[nn.Module] = nn.ReLU,
+        normalize_images: bool = True,
+    ) -> None:
+        super().__init__(
+            observation_space, action_space, features_extractor=features_extractor, normalize_images=normalize_images
+        )
+        self.net_arch = net_arch
+        self.features_dim = features_dim
+        self.activation_fn = activation_fn
+        self.latent_pi = nn.Sequential(*create_mlp(features_dim, -1, net_arch, activation_fn))
+        self.logits = nn.Linear(net_arch[-1] if len(net_arch) > 0 else features_dim, int(action_space.n))
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            dict(
+                net_arch=self.net_arch,
+                features_dim=self.features_dim,
+                activation_fn=self.activation_fn,
+                features_extractor=self.features_extractor,
+            )
+        )
+        return data
+
+    def action_probs(self, obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
+        """Probabilities and log-probabilities of every action, each ``(batch, n_actions)``."""
+        return categorical_probs(self.logits(self.latent_pi(self.extract_features(obs, self.features_extractor))))
+
+    def evaluate(self, obs: PyTorchObs) -> PolicySample:
+        """Every action's probability and log-probability at each state, for the SAC objectives."""
+        probs, log_probs = self.action_probs(obs)
+        return PolicySample(None, log_probs, probs)
+
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        """Action indices: the most probable action when deterministic, else a sample."""
+        probs, _ = self.action_probs(obs)
+        if deterministic:
+            return probs.argmax(dim=-1)
+        return th.multinomial(probs, 1).squeeze(-1)
+
+    def reset_noise(self, batch_size: int = 1) -> None:
+        raise RuntimeError("gSDE is for continuous actions: a categorical policy has no exploration noise to reset.")
+
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self(observation, deterministic)
 
 
 class Critic(BaseModel):
-    """Ensemble of ``n_critics`` soft Q-networks ``Q_i(s, a)``, evaluated as one module in one call.
+    """Ensemble of ``n_critics`` soft Q-networks, evaluated as one module in one call.
+
+    For ``Box`` actions each network maps ``(s, a)`` to ``Q_i(s, a)``; for ``Discrete`` actions it maps
+    ``s`` to the values ``Q_i(s, .)`` of every action (discrete SAC).
 
     :param observation_space: observation space
-    :param action_space: action space (``Box``)
+    :param action_space: action space (``Box`` or ``Discrete``)
     :param net_arch: hidden layer sizes of each Q-network
     :param features_extractor: network that turns observations into features
     :param features_dim: number of features
@@ -233,10 +325,11 @@ class Critic(BaseModel):
         self.share_features_extractor = share_features_extractor
         self.dropout_rate = dropout_rate
         self.layer_norm = layer_norm
+        self.discrete = isinstance(action_space, spaces.Discrete)
         self.q_networks = EnsembleMLP(
             n_critics,
-            features_dim + get_action_dim(action_space),
-            1,
+            features_dim if self.discrete else features_dim + get_action_dim(action_space),
+            int(action_space.n) if isinstance(action_space, spaces.Discrete) else 1,
             net_arch,
             activation_fn,
             dropout_rate=dropout_rate,
@@ -259,20 +352,29 @@ class Critic(BaseModel):
         )
         return data
 
-    def q_values(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
+    def q_values(self, obs: PyTorchObs, actions: th.Tensor | None = None) -> th.Tensor:
         """All critics' values, stacked.
 
         :param obs: observations
-        :param actions: actions in the ``[-1, 1]`` space, shape ``(batch, action_dim)``
-        :return: shape ``(n_critics, batch, 1)``
+        :param actions: continuous actions in the ``[-1, 1]`` space ``(batch, action_dim)``, or discrete action
+            indices ``(batch, 1)``; None (discrete only) for the values of every action
+        :return: ``(n_critics, batch, 1)`` for given actions, ``(n_critics, batch, n_actions)`` for every action
         """
         # A shared features extractor is trained by the actor loss only.
         with th.set_grad_enabled(th.is_grad_enabled() and not self.share_features_extractor):
             features = self.extract_features(obs, self.features_extractor)
-        return self.q_networks(th.cat([features, actions], dim=1))
+        if not self.discrete:
+            if actions is None:
+                raise ValueError("A critic of continuous actions needs the actions to evaluate.")
+            return self.q_networks(th.cat([features, actions], dim=1))
+        q_values = self.q_networks(features)
+        if actions is None:
+            return q_values
+        indices = actions.long().reshape(1, -1, 1).expand(q_values.shape[0], -1, 1)
+        return q_values.gather(-1, indices)
 
-    def forward(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, ...]:
-        """One ``(batch, 1)`` tensor per critic, as SB3's ``ContinuousCritic`` returns them."""
+    def forward(self, obs: PyTorchObs, actions: th.Tensor | None = None) -> tuple[th.Tensor, ...]:
+        """One tensor per critic, as SB3's ``ContinuousCritic`` returns them."""
         return tuple(self.q_values(obs, actions).unbind(dim=0))
 
 
@@ -302,14 +404,14 @@ class SACPolicy(BasePolicy):
     :param layer_norm: critic layer normalisation (DroQ); False keeps plain SAC
     """
 
-    actor: Actor
+    actor: Actor | CategoricalActor
     critic: Critic
     critic_target: Critic
 
     def __init__(
         self,
         observation_space: spaces.Space,
-        action_space: spaces.Box,
+        action_space: spaces.Box | spaces.Discrete,
         lr_schedule: Schedule,
         net_arch: list[int] | dict[str, list[int]] | None = None,
         activation_fn: type[nn.Module] = nn.ReLU,
@@ -361,14 +463,11 @@ class SACPolicy(BasePolicy):
             activation_fn=activation_fn,
             normalize_images=normalize_images,
         )
-        self.actor_kwargs: dict[str, Any] = dict(
-            common,
-            net_arch=actor_arch,
-            use_sde=use_sde,
-            log_std_init=log_std_init,
-            use_expln=use_expln,
-            clip_mean=clip_mean,
-        )
+        self.actor_kwargs: dict[str, Any] = dict(common, net_arch=actor_arch)
+        if not isinstance(action_space, spaces.Discrete):
+            self.actor_kwargs.update(
+                use_sde=use_sde, log_std_init=log_std_init, use_expln=use_expln, clip_mean=clip_mean
+            )
         self.critic_kwargs: dict[str, Any] = dict(
             common,
             net_arch=critic_arch,
@@ -401,8 +500,12 @@ class SACPolicy(BasePolicy):
 
         self.critic_target = self.make_critic()
         self.critic_target.load_state_dict(self.critic.state_dict())
-        # Target networks never train: keep dropout and batch norm in evaluation mode.
+        # Target networks never train: batch norm uses the statistics copied from the critics. The Q-networks'
+        # own dropout stays active, as in DroQ (Hiraoka et al. 2022), whose targets come from dropout critics.
         self.critic_target.set_training_mode(False)
+        for module in self.critic_target.q_networks.modules():
+            if isinstance(module, nn.Dropout):
+                module.train(True)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -435,9 +538,10 @@ class SACPolicy(BasePolicy):
         """
         self.actor.reset_noise(batch_size=batch_size)
 
-    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor:
+    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor | CategoricalActor:
         actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
-        return Actor(**actor_kwargs).to(self.device)
+        actor_class = CategoricalActor if isinstance(self.action_space, spaces.Discrete) else Actor
+        return actor_class(**actor_kwargs).to(self.device)
 
     def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> Critic:
         critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)

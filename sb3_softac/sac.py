@@ -15,25 +15,43 @@ from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, ReplayBufferSamples, Schedule
-from stable_baselines3.common.utils import get_parameters_by_name
+from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from torch import nn
 
 from sb3_softac import checkpoints
 from sb3_softac.losses import (
     actor_loss,
     critic_loss,
+    expected_log_prob,
     min_over_critics,
     soft_q_target,
     soft_state_value,
     temperature_loss,
 )
-from sb3_softac.policies import Actor, CnnPolicy, Critic, MlpPolicy, MultiInputPolicy, SACPolicy
+from sb3_softac.policies import (
+    Actor,
+    CategoricalActor,
+    CnnPolicy,
+    Critic,
+    MlpPolicy,
+    MultiInputPolicy,
+    PolicySample,
+    SACPolicy,
+)
 
 SelfSAC = TypeVar("SelfSAC", bound="SAC")
 
-# What one gradient step reports, in the order of the rows of the statistics tensor.
+# What one gradient step reports, in the order of the columns of the statistics tensor; the actor's
+# columns are only filled on the steps that update the actor (see ``policy_delay``).
 _STATS = ("critic_loss", "actor_loss", "ent_coef_loss", "ent_coef", "entropy", "mean_q")
+_ACTOR_STATS = ("actor_loss", "ent_coef_loss", "entropy")
 _LOSSES = {"critic_loss": "critic loss", "actor_loss": "actor loss", "ent_coef_loss": "entropy coefficient loss"}
+
+# Discrete SAC's automatic target entropy, as a fraction of the maximum entropy log|A|. Christodoulou
+# (2019) used 0.98, which keeps the policy close to uniform and stalls learning on many tasks (Xu et al.
+# 2021, "Target Entropy Annealing for Discrete Soft Actor-Critic", arXiv:2112.02852; Zhou et al. 2022,
+# "Revisiting Discrete Soft Actor-Critic", arXiv:2209.10081); CleanRL's discrete SAC uses 0.89 on Atari.
+DISCRETE_TARGET_ENTROPY_SCALE = 0.89
 
 
 def _parse_ent_coef(ent_coef: str | float) -> tuple[bool, float]:
@@ -67,8 +85,14 @@ def _parse_ent_coef(ent_coef: str | float) -> tuple[bool, float]:
 
 
 def _parse_target_entropy(target_entropy: str | float, action_space: spaces.Space) -> float:
-    """Read ``target_entropy``: ``"auto"`` gives ``-dim(A)`` (SAC paper, section 5), else a number."""
+    """Read ``target_entropy``, a number or ``"auto"``.
+
+    ``"auto"`` is ``-dim(A)`` for continuous actions (SAC paper, section 5) and
+    ``DISCRETE_TARGET_ENTROPY_SCALE * log|A|`` for discrete ones.
+    """
     if isinstance(target_entropy, str) and target_entropy == "auto":
+        if isinstance(action_space, spaces.Discrete):
+            return DISCRETE_TARGET_ENTROPY_SCALE * float(np.log(action_space.n))
         return -float(np.prod(action_space.shape or ()))
     if not isinstance(target_entropy, bool):
         with contextlib.suppress(TypeError, ValueError):
@@ -131,6 +155,11 @@ class SAC(OffPolicyAlgorithm):
     :param verbose: 0 silent, 1 info, 2 debug
     :param seed: random seed
     :param device: device to run on (``"auto"``, ``"cpu"``, ``"cuda"``, ...)
+    :param policy_delay: update the actor and the temperature every this many critic updates (1: every one)
+    :param qf_learning_rate: learning rate (or schedule) of the critics; None uses ``learning_rate``
+    :param critic_subset_size: REDQ's in-target minimisation: the target takes the minimum over this many
+        critics drawn at random at each step, and the actor maximises the mean of all critics (Chen et al.
+        2021). None takes the minimum over all critics in both, as SAC does
     :param _init_setup_model: whether to build the networks on creation
     """
 
@@ -140,7 +169,7 @@ class SAC(OffPolicyAlgorithm):
         "MultiInputPolicy": MultiInputPolicy,
     }
     policy: SACPolicy
-    actor: Actor
+    actor: Actor | CategoricalActor
     critic: Critic
     critic_target: Critic
 
@@ -173,6 +202,9 @@ class SAC(OffPolicyAlgorithm):
         verbose: int = 0,
         seed: int | None = None,
         device: th.device | str = "auto",
+        policy_delay: int = 1,
+        qf_learning_rate: float | Schedule | None = None,
+        critic_subset_size: int | None = None,
         _init_setup_model: bool = True,
     ) -> None:
         if not 0.0 <= tau <= 1.0:
@@ -189,6 +221,14 @@ class SAC(OffPolicyAlgorithm):
             )
         if target_update_interval < 1:
             raise ValueError(f"target_update_interval={target_update_interval} must be a positive integer.")
+        if policy_delay < 1:
+            raise ValueError(
+                f"policy_delay={policy_delay} must be a positive integer (1 updates the actor every step)."
+            )
+        if critic_subset_size is not None and critic_subset_size < 1:
+            raise ValueError(
+                f"critic_subset_size={critic_subset_size} must be a positive integer, or None for all critics."
+            )
         _parse_ent_coef(ent_coef)
         super().__init__(
             policy,
@@ -215,14 +255,28 @@ class SAC(OffPolicyAlgorithm):
             use_sde=use_sde,
             sde_sample_freq=sde_sample_freq,
             use_sde_at_warmup=use_sde_at_warmup,
-            supported_action_spaces=(spaces.Box,),
+            supported_action_spaces=(spaces.Box, spaces.Discrete),
             support_multi_env=True,
         )
         if env is not None:
             _parse_target_entropy(target_entropy, self.action_space)
+            if isinstance(self.action_space, spaces.Discrete) and (use_sde or action_noise is not None):
+                raise ValueError(
+                    "use_sde and action_noise perturb continuous actions: a Discrete action space explores through "
+                    "its categorical policy instead. Remove them."
+                )
+            n_critics = (policy_kwargs or {}).get("n_critics", 2)
+            if critic_subset_size is not None and critic_subset_size > n_critics:
+                raise ValueError(
+                    f"critic_subset_size={critic_subset_size} exceeds n_critics={n_critics}: raise n_critics in "
+                    "policy_kwargs or lower the subset size."
+                )
         self.target_entropy = target_entropy
         self.ent_coef = ent_coef
         self.target_update_interval = target_update_interval
+        self.policy_delay = policy_delay
+        self.qf_learning_rate = qf_learning_rate
+        self.critic_subset_size = critic_subset_size
         self.log_ent_coef: th.Tensor | None = None
         self.ent_coef_optimizer: th.optim.Optimizer | None = None
         self.ent_coef_tensor: th.Tensor | None = None
@@ -235,6 +289,10 @@ class SAC(OffPolicyAlgorithm):
         self.batch_norm_stats = get_parameters_by_name(self.critic, ["running_"])
         self.batch_norm_stats_target = get_parameters_by_name(self.critic_target, ["running_"])
         self.target_entropy = _parse_target_entropy(self.target_entropy, self.action_space)
+        self.qf_lr_schedule = (
+            self.lr_schedule if self.qf_learning_rate is None else FloatSchedule(self.qf_learning_rate)
+        )
+        update_learning_rate(self.critic.optimizer, self.qf_lr_schedule(1))
         learned, value = _parse_ent_coef(self.ent_coef)
         if learned:
             # alpha is optimised through log(alpha), which keeps it positive (see losses.temperature_loss).
@@ -257,61 +315,75 @@ class SAC(OffPolicyAlgorithm):
 
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:
         self.policy.set_training_mode(True)
-        optimizers = [self.actor.optimizer, self.critic.optimizer]
+        optimizers = [self.actor.optimizer]
         if self.ent_coef_optimizer is not None:
             optimizers.append(self.ent_coef_optimizer)
         self._update_learning_rate(optimizers)
+        update_learning_rate(self.critic.optimizer, self.qf_lr_schedule(self._current_progress_remaining))
 
         # Statistics stay on the device until the end of the call: no host sync per gradient step.
-        stats = th.empty((gradient_steps, len(_STATS)), device=self.device)
+        stats = th.full((gradient_steps, len(_STATS)), float("nan"), device=self.device)
+        actor_updated = np.zeros(gradient_steps, dtype=bool)
         for step in range(gradient_steps):
             replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
-            stats[step] = self._gradient_step(replay_data)
-            if (self._n_updates + step) % self.target_update_interval == 0:
+            n_update = self._n_updates + step
+            actor_updated[step] = n_update % self.policy_delay == 0
+            stats[step] = self._gradient_step(replay_data, update_actor=bool(actor_updated[step]))
+            if n_update % self.target_update_interval == 0:
                 self._update_target_critics()
-        self._record_stats(stats.cpu().numpy())
+        self._record_stats(stats.cpu().numpy(), actor_updated)
         self._n_updates += gradient_steps
 
-    def _gradient_step(self, replay_data: ReplayBufferSamples) -> th.Tensor:
-        """One SAC update of temperature, critics and actor, in the order of SB3's SAC.
+    def _gradient_step(self, replay_data: ReplayBufferSamples, update_actor: bool) -> th.Tensor:
+        """One SAC update: temperature, critics, then actor, in the order of SB3's SAC.
 
-        :return: the statistics named in ``_STATS``, as one detached tensor
+        :param replay_data: the minibatch
+        :param update_actor: whether to update the actor and the temperature, or only the critics
+        :return: the statistics named in ``_STATS`` as one detached tensor (NaN where not computed)
         """
         discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
         if self.use_sde:
             # The exploration matrix depends on log_std, which changes at every step.
             self.actor.reset_noise()
-        actions_pi, log_prob = self.actor.action_log_prob(replay_data.observations)
-        log_prob = log_prob.reshape(-1, 1)
-
         ent_coef = self._current_ent_coef()
-        if self.log_ent_coef is not None:
-            assert self.ent_coef_optimizer is not None
-            assert isinstance(self.target_entropy, float)
-            ent_coef_loss = temperature_loss(self.log_ent_coef, log_prob, self.target_entropy)
-            _optimize(self.ent_coef_optimizer, ent_coef_loss)
-        else:
-            ent_coef_loss = th.zeros((), device=self.device)
+        nan = th.full((), float("nan"), device=self.device)
+        ent_coef_loss = entropy = loss_pi = nan
+        if update_actor:
+            pi = self.actor.evaluate(replay_data.observations)
+            entropy = -expected_log_prob(pi.log_prob, pi.probs).mean()
+            if self.log_ent_coef is not None:
+                assert self.ent_coef_optimizer is not None
+                assert isinstance(self.target_entropy, float)
+                ent_coef_loss = temperature_loss(self.log_ent_coef, pi.log_prob, self.target_entropy, pi.probs)
+                _optimize(self.ent_coef_optimizer, ent_coef_loss)
 
         with th.no_grad():
-            next_actions, next_log_prob = self.actor.action_log_prob(replay_data.next_observations)
-            next_q_values = min_over_critics(self.critic_target.q_values(replay_data.next_observations, next_actions))
-            next_value = soft_state_value(next_q_values, next_log_prob.reshape(-1, 1), ent_coef)
+            next_pi = self.actor.evaluate(replay_data.next_observations)
+            next_q_values = self.critic_target.q_values(replay_data.next_observations, next_pi.actions)
+            next_q_values = min_over_critics(next_q_values, self.critic_subset_size)
+            next_value = soft_state_value(next_q_values, next_pi.log_prob, ent_coef, next_pi.probs)
             target_q_values = soft_q_target(replay_data.rewards, replay_data.dones, discounts, next_value)
 
         current_q_values = self.critic.q_values(replay_data.observations, replay_data.actions)
         loss_q = critic_loss(current_q_values, target_q_values)
         _optimize(self.critic.optimizer, loss_q)
 
+        if update_actor:
+            loss_pi = self._update_actor(replay_data, pi, ent_coef)
+        return th.stack(
+            [loss_q, loss_pi, ent_coef_loss.reshape(()), ent_coef, entropy, current_q_values.mean()]
+        ).detach()
+
+    def _update_actor(self, replay_data: ReplayBufferSamples, pi: PolicySample, ent_coef: th.Tensor) -> th.Tensor:
+        """Take one actor step against the freshly updated critics; return the actor loss."""
         # The actor's gradient goes through the critics to the actions only, not into their weights.
         with _frozen(self._critic_parameters()):
-            q_values_pi = min_over_critics(self.critic.q_values(replay_data.observations, actions_pi))
-        loss_pi = actor_loss(q_values_pi, log_prob, ent_coef)
+            q_values_pi = self.critic.q_values(replay_data.observations, pi.actions)
+        # REDQ's actor maximises the ensemble mean (Chen et al. 2021, algorithm 1, line 10).
+        q_pi = q_values_pi.mean(dim=0) if self.critic_subset_size is not None else min_over_critics(q_values_pi)
+        loss_pi = actor_loss(q_pi, pi.log_prob, ent_coef, pi.probs)
         _optimize(self.actor.optimizer, loss_pi)
-
-        return th.stack(
-            [loss_q, loss_pi, ent_coef_loss.reshape(()), ent_coef, -log_prob.mean(), current_q_values.mean()]
-        ).detach()
+        return loss_pi
 
     def _critic_parameters(self) -> list[nn.Parameter]:
         return [p for group in self.critic.optimizer.param_groups for p in group["params"]]
@@ -324,27 +396,33 @@ class SAC(OffPolicyAlgorithm):
             for target_stat, stat in zip(self.batch_norm_stats_target, self.batch_norm_stats, strict=True):
                 target_stat.copy_(stat)
 
-    def _record_stats(self, stats: np.ndarray) -> None:
-        """Log the mean statistics of a ``train`` call; stop on the first non-finite loss."""
+    def _record_stats(self, stats: np.ndarray, actor_updated: np.ndarray) -> None:
+        """Log the mean statistics of a ``train`` call; stop on the first non-finite loss.
+
+        :param stats: one row of ``_STATS`` per gradient step
+        :param actor_updated: which gradient steps updated the actor (the others have no actor statistics)
+        """
+        computed = np.ones_like(stats, dtype=bool)
+        computed[:, [_STATS.index(name) for name in _ACTOR_STATS]] = actor_updated[:, None]
+        if self.log_ent_coef is None:
+            computed[:, _STATS.index("ent_coef_loss")] = False
         for column, name in enumerate(_STATS):
-            if name in _LOSSES and not np.isfinite(stats[:, column]).all():
-                step = int(np.flatnonzero(~np.isfinite(stats[:, column]))[0])
+            bad = np.flatnonzero(computed[:, column] & ~np.isfinite(stats[:, column]))
+            if name in _LOSSES and len(bad) > 0:
                 raise FloatingPointError(
-                    f"SAC stopped: the {_LOSSES[name]} is {stats[step, column]} at gradient step "
-                    f"{self._n_updates + step + 1} (timestep {self.num_timesteps}). The model's parameters can no "
+                    f"SAC stopped: the {_LOSSES[name]} is {stats[bad[0], column]} at gradient step "
+                    f"{self._n_updates + bad[0] + 1} (timestep {self.num_timesteps}). The model's parameters can no "
                     "longer be trusted. Check the environment's observations and rewards for NaN/inf (wrap it in "
                     "VecCheckNan to find the source) and for very large magnitudes (try VecNormalize), or lower the "
                     "learning rate."
                 )
-        means = dict(zip(_STATS, stats.mean(axis=0).tolist(), strict=True))
         self.logger.record("train/n_updates", self._n_updates + len(stats), exclude="tensorboard")
-        self.logger.record("train/ent_coef", means["ent_coef"])
-        self.logger.record("train/actor_loss", means["actor_loss"])
-        self.logger.record("train/critic_loss", means["critic_loss"])
-        if self.log_ent_coef is not None:
-            self.logger.record("train/ent_coef_loss", means["ent_coef_loss"])
-        self.logger.record("train/entropy", means["entropy"])
-        self.logger.record("train/mean_q", means["mean_q"])
+        if self.qf_learning_rate is not None:
+            self.logger.record("train/qf_learning_rate", self.qf_lr_schedule(self._current_progress_remaining))
+        keys = {"ent_coef_loss": "train/ent_coef_loss", "mean_q": "train/mean_q"}
+        for column, name in enumerate(_STATS):
+            if computed[:, column].any():
+                self.logger.record(keys.get(name, f"train/{name}"), float(stats[computed[:, column], column].mean()))
 
     def learn(
         self: SelfSAC,

@@ -109,19 +109,21 @@ class _PeekParser(argparse.ArgumentParser):
 
 def _parse_peek(args: Sequence[str]) -> argparse.Namespace | None:
     """
-    Read ``--algo``, ``-conf/--conf-file`` and ``-optimize`` from a ``train`` command line, without acting on them.
+    Read the few ``train`` options this module looks at (algorithm, configuration file, Optuna settings).
 
     The parser accepts the same spellings as the zoo's (``--algo=softac``, unambiguous prefixes such as ``--conf``).
 
     :param args: command line of the ``train`` script, without the script name
-    :return: namespace with ``algo``, ``conf_file`` and ``optimize_hyperparameters``, or ``None`` if the line is
-        malformed for these options (the zoo's own parser then reports the problem)
+    :return: namespace with ``algo``, ``conf_file``, ``optimize_hyperparameters``, ``storage`` and ``study_name``, or
+        ``None`` if the line is malformed for these options (the zoo's own parser then reports the problem)
     """
     peek = _PeekParser(add_help=False)
     # Same defaults as rl_zoo3's train script.
     peek.add_argument("--algo", default="ppo")
     peek.add_argument("-conf", "--conf-file", default=None)
     peek.add_argument("-optimize", "--optimize-hyperparameters", action="store_true")
+    peek.add_argument("--storage", default=None)
+    peek.add_argument("--study-name", default=None)
     # Not used, declared so that abbreviations are as (un)ambiguous as for the zoo ("--optimi...").
     peek.add_argument("--optimization-log-path")
     try:
@@ -223,6 +225,52 @@ def _missing_requirements(script_name: str, script_args: Sequence[str]) -> list[
     return [module for module in ("pandas",) if importlib.util.find_spec(module) is None]
 
 
+def _study_direction_error(script_args: Sequence[str]) -> str | None:
+    """
+    Check that an existing Optuna study that ``train -optimize`` would join maximizes its objective.
+
+    The zoo joins an existing study whatever its direction, and it reports mean episodic rewards: a study created
+    beforehand as ``minimize`` (Optuna's default, e.g. ``optuna create-study`` without ``--direction maximize``) would
+    silently search for the worst hyperparameters. No study or table is created here (SQLite itself creates an empty
+    database file on connection, as the zoo does next); storages that cannot be read (study or tables not created yet,
+    missing database driver, unreachable server) are left for the zoo to handle.
+
+    :param script_args: command line of the ``train`` script
+    :return: an error message, or ``None`` when there is nothing to object to
+    """
+    peeked = _parse_peek(script_args)
+    if peeked is None or not peeked.optimize_hyperparameters or not peeked.storage or not peeked.study_name:
+        return None
+
+    import optuna
+    from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage: BaseStorage | None = None
+    try:
+        # Same convention as rl_zoo3: a path ending in ".log" is an Optuna journal file, anything else a database URL.
+        if peeked.storage.endswith(".log"):
+            if not Path(peeked.storage).is_file():
+                return None
+            storage = JournalStorage(JournalFileBackend(peeked.storage))
+        else:
+            storage = RDBStorage(peeked.storage, skip_compatibility_check=True, skip_table_creation=True)
+        directions = storage.get_study_directions(storage.get_study_id_from_name(peeked.study_name))
+    except Exception:  # no such study or storage not usable yet: nothing to check
+        return None
+    finally:
+        if isinstance(storage, RDBStorage):
+            storage.engine.dispose()
+    if directions == [optuna.study.StudyDirection.MAXIMIZE]:
+        return None
+    found = ", ".join(direction.name.lower() for direction in directions)
+    return (
+        f"the existing study '{peeked.study_name}' in {peeked.storage} optimizes in direction '{found}', but the zoo "
+        "maximizes the mean reward; create the study with direction 'maximize' "
+        "(optuna create-study --direction maximize ...) or use another --study-name"
+    )
+
+
 def _load_script(name: str) -> Callable[[], Any]:
     """
     Import one rl_zoo3 script lazily (each pulls in different heavy dependencies).
@@ -291,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+    if script_name == "train":
+        direction_error = _study_direction_error(script_args)
+        if direction_error is not None:
+            print(f"{_PROG}: error: {direction_error}", file=sys.stderr)
+            return 2
 
     register()
     try:

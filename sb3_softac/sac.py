@@ -453,11 +453,14 @@ class SAC(OffPolicyAlgorithm):
         force_reset: bool = True,
         **kwargs: Any,
     ) -> SelfSAC:
-        """Load a model saved by :meth:`save`; anything that is not an sb3_softac SAC model is refused.
+        """Load a model saved by :meth:`save`, or by ``stable_baselines3.SAC.save``.
 
-        Takes the arguments of ``BaseAlgorithm.load``.
+        Takes the arguments of ``BaseAlgorithm.load``. An SB3 SAC archive is converted on the fly: its
+        weights, optimizer states and entropy coefficient carry over, and training can continue. Any other
+        archive is refused with an error that names what it holds.
         """
-        checkpoints.check_is_softac_model(path)
+        if checkpoints.saved_policy_origin(path) == "stable_baselines3":
+            path = checkpoints.sb3_archive_to_softac(path)
         return super().load(
             path,
             env=env,
@@ -467,6 +470,18 @@ class SAC(OffPolicyAlgorithm):
             force_reset=force_reset,
             **kwargs,
         )
+
+    def save_as_sb3(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """Save the model as a checkpoint that ``stable_baselines3.SAC.load`` reads, with identical actions.
+
+        :param path: where to write the archive
+        :raises ValueError: naming each option that SB3's SAC does not have (discrete actions, critic
+            dropout or layer norm, ``policy_delay``, ``qf_learning_rate``, ``critic_subset_size``)
+        """
+        buffer = io.BytesIO()
+        self.save(buffer)
+        buffer.seek(0)
+        checkpoints.softac_archive_to_sb3(buffer, path)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "actor", "critic", "critic_target"]

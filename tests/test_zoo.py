@@ -218,6 +218,22 @@ def test_inference_loader_restores_table(tmp_path: Path) -> None:
     assert rl_zoo3.utils.ALGOS["softac"] is SAC
 
 
+def test_optimize_refuses_a_minimizing_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    optuna = pytest.importorskip("optuna")
+    storage_path = tmp_path / "study.log"
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage_path)))
+    optuna.create_study(storage=journal, study_name="created-minimizing")  # Optuna's default direction
+    optuna.create_study(storage=journal, study_name="created-maximizing", direction="maximize")
+    common = ["--algo", "softac", "--env", "Pendulum-v1", "-optimize", "--storage", str(storage_path)]
+
+    assert zoo.main(["train", *common, "--study-name", "created-minimizing"]) == 2
+    assert "direction 'minimize'" in capsys.readouterr().err
+    assert zoo._study_direction_error([*common, "--study-name", "created-maximizing"]) is None
+    assert zoo._study_direction_error([*common, "--study-name", "not-created-yet"]) is None
+    missing_file = [*common[:-1], str(tmp_path / "missing.log"), "--study-name", "x"]
+    assert zoo._study_direction_error(missing_file) is None
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Hyperparameter file
 # --------------------------------------------------------------------------------------------------------------------

@@ -60,10 +60,10 @@ def _parse_ent_coef(ent_coef: str | float) -> tuple[bool, float]:
     :return: whether the coefficient is learned, and its (initial) value
     """
     if isinstance(ent_coef, str):
-        head, _, initial = ent_coef.partition("_")
+        head, separator, initial = ent_coef.partition("_")
         if head == "auto":
             try:
-                value = float(initial) if initial else 1.0
+                value = float(initial) if separator else 1.0
             except ValueError:
                 value = float("nan")
             if not value > 0.0 or not np.isfinite(value):

@@ -289,10 +289,8 @@ class SAC(OffPolicyAlgorithm):
         self.batch_norm_stats = get_parameters_by_name(self.critic, ["running_"])
         self.batch_norm_stats_target = get_parameters_by_name(self.critic_target, ["running_"])
         self.target_entropy = _parse_target_entropy(self.target_entropy, self.action_space)
-        self.qf_lr_schedule = (
-            self.lr_schedule if self.qf_learning_rate is None else FloatSchedule(self.qf_learning_rate)
-        )
-        update_learning_rate(self.critic.optimizer, self.qf_lr_schedule(1))
+        self.qf_lr_schedule = None if self.qf_learning_rate is None else FloatSchedule(self.qf_learning_rate)
+        update_learning_rate(self.critic.optimizer, self._critic_lr_schedule()(1))
         learned, value = _parse_ent_coef(self.ent_coef)
         if learned:
             # alpha is optimised through log(alpha), which keeps it positive (see losses.temperature_loss).
@@ -305,6 +303,10 @@ class SAC(OffPolicyAlgorithm):
         self.actor = self.policy.actor
         self.critic = self.policy.critic
         self.critic_target = self.policy.critic_target
+
+    def _critic_lr_schedule(self) -> Schedule:
+        # Looked up at each use: ``lr_schedule`` may be replaced after construction (SB3's own tests do).
+        return self.lr_schedule if self.qf_lr_schedule is None else self.qf_lr_schedule
 
     def _current_ent_coef(self) -> th.Tensor:
         """``alpha`` as a scalar tensor without gradient."""
@@ -319,7 +321,7 @@ class SAC(OffPolicyAlgorithm):
         if self.ent_coef_optimizer is not None:
             optimizers.append(self.ent_coef_optimizer)
         self._update_learning_rate(optimizers)
-        update_learning_rate(self.critic.optimizer, self.qf_lr_schedule(self._current_progress_remaining))
+        update_learning_rate(self.critic.optimizer, self._critic_lr_schedule()(self._current_progress_remaining))
 
         # Statistics stay on the device until the end of the call: no host sync per gradient step.
         stats = th.full((gradient_steps, len(_STATS)), float("nan"), device=self.device)
@@ -417,7 +419,7 @@ class SAC(OffPolicyAlgorithm):
                     "learning rate."
                 )
         self.logger.record("train/n_updates", self._n_updates + len(stats), exclude="tensorboard")
-        if self.qf_learning_rate is not None:
+        if self.qf_lr_schedule is not None:
             self.logger.record("train/qf_learning_rate", self.qf_lr_schedule(self._current_progress_remaining))
         keys = {"ent_coef_loss": "train/ent_coef_loss", "mean_q": "train/mean_q"}
         for column, name in enumerate(_STATS):

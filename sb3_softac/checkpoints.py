@@ -21,16 +21,18 @@ def read_saved_data(path: str | pathlib.Path | io.BufferedIOBase, keys: tuple[st
     :param keys: entries to read
     :return: the entries that the archive holds, deserialised
     """
-    with open_path(path, "r", verbose=0, suffix="zip") as file:
-        start = file.tell()
-        try:
-            with zipfile.ZipFile(file) as archive:
-                data = json.loads(archive.read("data").decode())
-        except (zipfile.BadZipFile, KeyError) as error:
-            raise ValueError(f"{path} is not a model saved by Stable-Baselines3 (no zip with 'data').") from error
-        finally:
-            # A caller's stream must be readable again by the actual load.
-            file.seek(start)
+    file = open_path(path, "r", verbose=0, suffix="zip")
+    start = file.tell()
+    try:
+        with zipfile.ZipFile(file) as archive:
+            data = json.loads(archive.read("data").decode())
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise ValueError(f"{path} is not a model saved by Stable-Baselines3 (no zip with 'data').") from error
+    finally:
+        # A caller's stream stays open and rewound, for the actual load; only a file opened here is closed.
+        file.seek(start)
+        if not isinstance(path, io.BufferedIOBase):
+            file.close()
     return json_to_data(json.dumps({key: data[key] for key in keys if key in data}))
 
 

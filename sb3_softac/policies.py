@@ -377,6 +377,10 @@ class Critic(BaseModel):
         """One tensor per critic, as SB3's ``ContinuousCritic`` returns them."""
         return tuple(self.q_values(obs, actions).unbind(dim=0))
 
+    def q1_forward(self, obs: PyTorchObs, actions: th.Tensor | None = None) -> th.Tensor:
+        """The first critic's values only, as SB3's ``ContinuousCritic.q1_forward`` returns them."""
+        return self.q_values(obs, actions)[0]
+
 
 class SACPolicy(BasePolicy):
     """Actor, critic ensemble and target critic ensemble of SAC.

@@ -231,6 +231,11 @@ def _convert_archive(
         data["policy_kwargs"] = {
             key: value for key, value in data.get("policy_kwargs", {}).items() if key not in _SOFTAC_ONLY_POLICY_KWARGS
         }
+        # Our optimizers default to fused Adam; hand SB3 the implementation choice it makes itself.
+        for name in ("actor.optimizer", "critic.optimizer", "ent_coef_optimizer"):
+            for group in params.get(name, {}).get("param_groups", []):
+                if group.get("fused"):
+                    group["fused"] = None
     else:
         params["policy"] = state_dict_from_sb3(source_state)
         merge = _merge_member_states
@@ -291,8 +296,10 @@ def softac_archive_to_sb3(
     :raises ValueError: when the model uses an option that SB3's SAC does not have
     """
     converted = _convert_archive(source, to_sb3=True)
-    if isinstance(destination, io.BufferedIOBase):
-        destination.write(converted.getvalue())
-    else:
-        path = pathlib.Path(destination)
-        path.with_suffix(".zip" if path.suffix != ".zip" else path.suffix).write_bytes(converted.getvalue())
+    # Named and created exactly as ``save`` does it (".zip" added only without a suffix, folders created).
+    file = open_path(destination, "w", verbose=0, suffix="zip")
+    try:
+        file.write(converted.getvalue())
+    finally:
+        if not isinstance(destination, io.BufferedIOBase):
+            file.close()

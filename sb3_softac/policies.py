@@ -37,6 +37,16 @@ from sb3_softac.networks import EnsembleMLP
 _SDE_VARIANCE_FLOOR = 1e-6
 
 
+def _network_parameters(network: BaseModel) -> dict[str, Any]:
+    """The constructor parameters that every network here shares, for ``_get_constructor_parameters``."""
+    return dict(
+        net_arch=network.net_arch,
+        features_dim=network.features_dim,
+        activation_fn=network.activation_fn,
+        features_extractor=network.features_extractor,
+    )
+
+
 class PolicySample(NamedTuple):
     """What the SAC objectives need from the policy at a batch of states (see :mod:`sb3_softac.losses`).
 
@@ -129,17 +139,12 @@ class Actor(BasePolicy):
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.update(
-            dict(
-                net_arch=self.net_arch,
-                features_dim=self.features_dim,
-                activation_fn=self.activation_fn,
-                use_sde=self.use_sde,
-                log_std_init=self.log_std_init,
-                full_std=self.full_std,
-                use_expln=self.use_expln,
-                features_extractor=self.features_extractor,
-                clip_mean=self.clip_mean,
-            )
+            _network_parameters(self),
+            use_sde=self.use_sde,
+            log_std_init=self.log_std_init,
+            full_std=self.full_std,
+            use_expln=self.use_expln,
+            clip_mean=self.clip_mean,
         )
         return data
 
@@ -246,14 +251,7 @@ class CategoricalActor(BasePolicy):
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(
-            dict(
-                net_arch=self.net_arch,
-                features_dim=self.features_dim,
-                activation_fn=self.activation_fn,
-                features_extractor=self.features_extractor,
-            )
-        )
+        data.update(_network_parameters(self))
         return data
 
     def action_probs(self, obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
@@ -339,16 +337,11 @@ class Critic(BaseModel):
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.update(
-            dict(
-                net_arch=self.net_arch,
-                features_dim=self.features_dim,
-                activation_fn=self.activation_fn,
-                features_extractor=self.features_extractor,
-                n_critics=self.n_critics,
-                share_features_extractor=self.share_features_extractor,
-                dropout_rate=self.dropout_rate,
-                layer_norm=self.layer_norm,
-            )
+            _network_parameters(self),
+            n_critics=self.n_critics,
+            share_features_extractor=self.share_features_extractor,
+            dropout_rate=self.dropout_rate,
+            layer_norm=self.layer_norm,
         )
         return data
 

@@ -13,7 +13,7 @@ For every environment the script reports
 * a FLOP floor for one SAC gradient step of this network configuration, the time that floor takes at the
   measured fp32 GEMM throughput of this machine (256x256x256 ``torch.mm``) and the implied maximum steps/s.
 
-Run ``python benchmarks/speed.py`` (about 6-10 min on a 2-core machine); quick check:
+Run ``python benchmarks/speed.py`` (about 7 min of CPU time, longer on a busy machine); quick check:
 ``python benchmarks/speed.py --envs Pendulum-v1 --steps 300 --reps 3 --warmup 300 --grad-steps 50``.
 """
 
@@ -25,6 +25,7 @@ import importlib
 import importlib.metadata
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -56,6 +57,7 @@ class EnvResult:
     obs_dim: int
     act_dim: int
     steps_per_s: dict[str, list[float]] = field(default_factory=dict)
+    gemm_gflops: list[float] = field(default_factory=list)
     ms_per_grad_step: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -66,11 +68,12 @@ class EnvResult:
 
 
 @contextlib.contextmanager
-def pinned_threads(n_threads: int) -> Iterator[str]:
+def pinned_threads(n_threads: int, cpu: int | None = None) -> Iterator[str]:
     """Set torch intra/inter-op threads to ``n_threads``; with one thread also pin the process to one CPU.
 
-    Yields a human readable description of the setting. The previous thread count and CPU affinity are
-    restored on exit (matters when ``main`` is called from tests, irrelevant for a command-line run).
+    The CPU is ``cpu`` when given, otherwise the first CPU this process may run on. Yields a human readable
+    description of the setting. The previous thread count and CPU affinity are restored on exit (matters when
+    ``main`` is called from tests, irrelevant for a command-line run).
     """
     import torch
 
@@ -83,7 +86,7 @@ def pinned_threads(n_threads: int) -> Iterator[str]:
     if n_threads == 1 and hasattr(os, "sched_setaffinity"):
         try:
             old_affinity = os.sched_getaffinity(0)
-            core = min(old_affinity)
+            core = min(old_affinity) if cpu is None else cpu
             os.sched_setaffinity(0, {core})
             pin = f"pinned to CPU {core}"
         except OSError as exc:  # pragma: no cover - depends on the container
@@ -207,7 +210,7 @@ def sac_step_flops(obs_dim: int, act_dim: int, hidden: Sequence[int], batch_size
     return 2.0 * per_sample * batch_size
 
 
-def measure_gemm_gflops(size: int = 256, blocks: int = 7, per_block: int = 200) -> float:
+def measure_gemm_gflops(size: int = 256, blocks: int = 3, per_block: int = 200) -> float:
     """Median fp32 ``torch.mm`` throughput (GFLOP/s) at ``size``^3 under the current torch thread setting."""
     import torch
 
@@ -274,6 +277,8 @@ def bench_env(env_id: str, contenders: Sequence[Contender], args: argparse.Names
     for model in models.values():  # untimed: first call may allocate / JIT-compile for this G
         model.train(gradient_steps=args.grad_steps, batch_size=args.batch_size)
     for rep in range(args.grad_reps):
+        # GEMM throughput sampled between the timed train() calls, so the floor sees the same machine state
+        result.gemm_gflops.append(measure_gemm_gflops(blocks=1))
         for label, model in models.items():
             start = time.perf_counter()
             model.train(gradient_steps=args.grad_steps, batch_size=args.batch_size)
@@ -325,7 +330,6 @@ def render_report(
     results: Sequence[EnvResult],
     contenders: Sequence[Contender],
     args: argparse.Namespace,
-    gemm_gflops: float,
     header: str,
 ) -> str:
     """Markdown report: throughput table and FLOP-floor table."""
@@ -355,23 +359,25 @@ def render_report(
             )
     lines += [
         "",
-        f"FLOP floor per gradient step (matmuls only; fp32 GEMM 256x256x256 measured at {gemm_gflops:.1f} GFLOP/s "
-        f"with {args.threads} thread(s)):",
+        f"FLOP floor per gradient step (matmuls only) at the fp32 GEMM throughput of 256x256x256 torch.mm with "
+        f"{args.threads} thread(s), median of samples taken between the timed train() calls:",
         "",
-        "| env | obs dim | act dim | GFLOP/grad step | floor ms/grad step | floor max steps/s "
+        "| env | obs dim | act dim | GFLOP/grad step | GEMM GFLOP/s | floor ms/grad step | floor max steps/s "
         + "".join(f"| {c.label} ms / floor " for c in contenders)
         + "|",
-        "|---|---:|---:|---:|---:|---:" + "|---:" * len(contenders) + "|",
+        "|---|---:|---:|---:|---:|---:|---:" + "|---:" * len(contenders) + "|",
     ]
     for res in results:
         flops = sac_step_flops(res.obs_dim, res.act_dim, args.net_arch, args.batch_size)
+        gemm_gflops = statistics.median(res.gemm_gflops) if res.gemm_gflops else math.nan
         floor_ms = 1e3 * flops / (gemm_gflops * 1e9)
         cells = []
         for contender in contenders:
             timings = res.ms_per_grad_step.get(contender.label)
             cells.append(f"{statistics.median(timings) / floor_ms:.1f}x" if timings else "n/a")
         lines.append(
-            f"| {res.env_id} | {res.obs_dim} | {res.act_dim} | {flops / 1e9:.3f} | {floor_ms:.2f} "
+            f"| {res.env_id} | {res.obs_dim} | {res.act_dim} | {flops / 1e9:.3f} | {gemm_gflops:.1f} "
+            f"| {floor_ms:.2f} "
             f"| {1e3 / floor_ms:.0f} | " + " | ".join(cells) + " |"
         )
     lines += [
@@ -404,6 +410,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("extra_envs", nargs="*", metavar="ENV_ID", help="extra Gymnasium ids to benchmark")
     parser.add_argument("--envs", nargs="+", default=None, help=f"replace the default envs {list(DEFAULT_ENVS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 also pins to one CPU (default 1)")
+    parser.add_argument("--cpu", type=int, default=None, help="CPU to pin to with --threads 1 (default: first allowed)")
     parser.add_argument("--steps", type=int, default=1000, help="env steps per measured learn() (default 1000)")
     parser.add_argument("--reps", type=int, default=5, help="alternating learn() repetitions (default 5)")
     parser.add_argument("--warmup", type=int, default=500, help="env steps of the untimed warm-up learn() (500)")
@@ -431,10 +438,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     envs = list(dict.fromkeys([*(args.envs or DEFAULT_ENVS), *args.extra_envs]))
     configure_jax_threads(args.threads)
-    with pinned_threads(args.threads) as thread_info:
+    with pinned_threads(args.threads, args.cpu) as thread_info:
         contenders = load_contenders(args.ours_module, with_sbx=not args.no_sbx)
-        gemm = measure_gemm_gflops()
-        _log(args, f"{thread_info}; GEMM {gemm:.1f} GFLOP/s; contenders: {[c.label for c in contenders]}")
+        _log(args, f"{thread_info}; contenders: {[c.label for c in contenders]}")
         results = []
         for env_id in envs:
             _log(args, f"{env_id}:")
@@ -446,12 +452,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"CPU: {_cpu_model()}; {thread_info}; torch {torch.__version__}; Python {platform.python_version()}; "
         f"net_arch={list(args.net_arch)}, batch_size={args.batch_size}, UTD=1, seed={args.seed}"
     )
-    report = render_report(results, contenders, args, gemm, header)
+    report = render_report(results, contenders, args, header)
     print(report, flush=True)
     if args.json:
         payload = {
             "args": vars(args),
-            "gemm_gflops": gemm,
             "contenders": [{"label": c.label, "module": c.module, "version": c.version} for c in contenders],
             "results": [asdict(r) for r in results],
         }

@@ -53,6 +53,7 @@ def test_speed_main_prints_tables(tmp_path: Path, capsys: pytest.CaptureFixture[
         "speed-up vs SB3 (learn)",
         "ms/grad step (median)",
         "GFLOP/grad step",
+        "GEMM GFLOP/s",
         "floor ms/grad step",
         "floor max steps/s",
     ):

@@ -1,0 +1,384 @@
+"""Sample efficiency of the critic options: SAC vs DroQ-style vs REDQ-style ``sb3_softac.SAC`` at equal env steps.
+
+Three settings of the same class, trained on the same environments with the same seeds and networks:
+
+* ``SAC``: the defaults (one gradient step per environment step, 2 critics, no dropout, no layer norm);
+* ``DroQ``: ``--utd`` gradient steps per environment step, 2 critics with dropout 0.01 and layer norm
+  (Hiraoka et al. 2022), actor and temperature updated once per environment step (``policy_delay=utd``);
+* ``REDQ``: ``--utd`` gradient steps per environment step, 10 critics, target minimum over a random pair of
+  them, actor on the ensemble mean (Chen et al. 2021), actor and temperature once per environment step.
+
+Every run is evaluated at the end on ``--eval-episodes`` deterministic episodes (evaluation env seeded from the run
+seed, so all settings see the same start states). The report gives, per env and setting, the mean final return
+over seeds with a 95% t confidence interval, and the wall-clock cost per environment step (wall time of ``learn()``
+divided by its environment steps: acting, env stepping, replay and gradient steps), over the whole run and over the
+learning phase after ``learning_starts``, and the process CPU time per step of the learning phase, with its ratio to
+SAC's (CPU time is the steadier measure on a shared machine). Results are written as JSON
+and a markdown table under ``--out`` (default ``benchmarks/results/``); ``--from-json`` re-renders them.
+
+Default budgets (sized to take about an hour with ``--jobs 2`` on a 2-core machine): Pendulum-v1 5k steps,
+Hopper-v5 8k steps, 3 seeds, UTD 5. ``--quick`` is a smoke run of a few seconds.
+Each worker process uses one torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+SETTINGS = ("SAC", "DroQ", "REDQ")
+
+
+@dataclass(frozen=True)
+class EnvBudget:
+    """Training budget and the hyper-parameters shared by every setting on one environment."""
+
+    env_id: str
+    steps: int
+    learning_starts: int
+    learning_rate: float
+    net_arch: tuple[int, ...]
+    batch_size: int = 256
+
+
+# Pendulum-v1: rl_zoo3's learning rate (1e-3). Hopper-v5: SB3's defaults except learning_starts, cut from the zoo's
+# 10k to 1k to fit the budget (REDQ and DroQ start learning after 5k). The networks are smaller than the usual
+# 256 x 256 so that 10 critics at UTD 5 fit in the hour; every setting uses the same network.
+BUDGETS: dict[str, EnvBudget] = {
+    "Pendulum-v1": EnvBudget("Pendulum-v1", 5_000, 100, 1e-3, (64, 64)),
+    "Hopper-v5": EnvBudget("Hopper-v5", 8_000, 1_000, 3e-4, (128, 128)),
+}
+QUICK_BUDGETS: dict[str, EnvBudget] = {
+    "Pendulum-v1": EnvBudget("Pendulum-v1", 150, 50, 1e-3, (16, 16), batch_size=32),
+    "Hopper-v5": EnvBudget("Hopper-v5", 150, 50, 3e-4, (16, 16), batch_size=32),
+}
+
+
+def setting_kwargs(setting: str, budget: EnvBudget, utd: int) -> dict[str, Any]:
+    """Keyword arguments of ``sb3_softac.SAC`` for one setting on one environment."""
+    policy_kwargs: dict[str, Any] = {"net_arch": list(budget.net_arch)}
+    kwargs: dict[str, Any] = {
+        "learning_rate": budget.learning_rate,
+        "learning_starts": budget.learning_starts,
+        "batch_size": budget.batch_size,
+        "buffer_size": max(budget.steps, 1_000),
+    }
+    if setting == "DroQ":
+        policy_kwargs.update(dropout_rate=0.01, layer_norm=True)
+        kwargs.update(gradient_steps=utd, policy_delay=utd)
+    elif setting == "REDQ":
+        policy_kwargs.update(n_critics=10)
+        kwargs.update(gradient_steps=utd, policy_delay=utd, critic_subset_size=2)
+    elif setting != "SAC":
+        raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+    kwargs["policy_kwargs"] = policy_kwargs
+    return kwargs
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run, executed in a worker process."""
+
+    budget: EnvBudget
+    setting: str
+    seed: int
+    utd: int
+    eval_episodes: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+# Two-sided 95% Student-t quantiles t_{0.975, df} for small df, used when scipy is missing.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
+    try:
+        from scipy import stats
+    except ImportError:
+        return _T975.get(df, 1.96 if df > 30 else 2.1)
+    return float(stats.t.ppf(0.975, df))
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t confidence interval of the mean (nan half-width below two values)."""
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    with contextlib.suppress(RuntimeError):  # allowed once per process, before any inter-op work
+        torch.set_num_interop_threads(1)
+
+
+def evaluate(model: Any, env_id: str, seed: int, n_episodes: int) -> list[float]:
+    """Undiscounted returns of ``n_episodes`` deterministic episodes; start states depend on ``seed`` only."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    returns = []
+    for episode in range(n_episodes):
+        obs, _ = env.reset(seed=seed * 1_000 + episode)
+        total, done = 0.0, False
+        while not done:
+            action, _ = model.predict(obs, deterministic=True)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            done = bool(terminated or truncated)
+        returns.append(total)
+    env.close()
+    return returns
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Train one model for the budget, time the whole ``learn()``, then evaluate it."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _one_thread()
+    import gymnasium as gym
+
+    from sb3_softac import SAC
+
+    model = SAC("MlpPolicy", gym.make(job.budget.env_id), seed=job.seed, verbose=0, **job.kwargs)
+    # Two calls that continue each other (same episode, buffer and schedules): the random-action warm-up, then the
+    # learning phase, whose cost per step is the one that matters for long runs.
+    # Process CPU time is reported next to wall time: on a shared machine it is the steadier of the two.
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model.learn(total_timesteps=job.budget.learning_starts)
+    warmup_s, warmup_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    model.learn(total_timesteps=job.budget.steps - job.budget.learning_starts, reset_num_timesteps=False)
+    learn_s, learn_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    learning_steps = max(int(model.num_timesteps) - job.budget.learning_starts, 1)
+    returns = evaluate(model, job.budget.env_id, 10_000 + job.seed, job.eval_episodes)
+    return {
+        "env_id": job.budget.env_id,
+        "steps": int(model.num_timesteps),
+        "setting": job.setting,
+        "utd": 1 if job.setting == "SAC" else job.utd,
+        "seed": job.seed,
+        "budget": asdict(job.budget),
+        "kwargs": job.kwargs,
+        "gradient_steps_done": int(model._n_updates),
+        "learn_s": learn_s,
+        "ms_per_env_step": 1_000.0 * learn_s / max(int(model.num_timesteps), 1),
+        "ms_per_learning_step": 1_000.0 * (learn_s - warmup_s) / learning_steps,
+        "learn_cpu_s": learn_cpu_s,
+        "cpu_ms_per_learning_step": 1_000.0 * (learn_cpu_s - warmup_cpu_s) / learning_steps,
+        "final_returns": returns,
+        "final_mean": statistics.fmean(returns),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def render_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: one row per (env, setting), plus the per-seed returns."""
+    lines = [
+        "| env | env steps | setting | UTD | seeds | final return (mean +- 95% CI) | per seed "
+        "| wall ms / env step (all) | wall ms / learning step | CPU ms / learning step | CPU cost vs SAC |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    order = list(BUDGETS)
+    envs = sorted({run["env_id"] for run in runs}, key=lambda e: (order.index(e) if e in order else len(order), e))
+    for env_id in envs:
+        by_setting = {
+            s: sorted((r for r in runs if r["env_id"] == env_id and r["setting"] == s), key=lambda r: r["seed"])
+            for s in SETTINGS
+        }
+        sac_runs = by_setting["SAC"]
+        sac_cpu = statistics.fmean(r["cpu_ms_per_learning_step"] for r in sac_runs) if sac_runs else math.nan
+        for setting in SETTINGS:
+            group = by_setting[setting]
+            if not group:
+                continue
+            mean, half = mean_ci95([r["final_mean"] for r in group])
+            cost = statistics.fmean(r["ms_per_env_step"] for r in group)
+            learning_cost = statistics.fmean(r["ms_per_learning_step"] for r in group)
+            cpu = statistics.fmean(r["cpu_ms_per_learning_step"] for r in group)
+            per_seed = ", ".join(f"{r['final_mean']:.0f}" for r in group)
+            lines.append(
+                f"| {env_id} | {group[0]['steps']} | {setting} | {group[0]['utd']} | {len(group)} "
+                f"| {_fmt(mean)} +- {_fmt(half)} | {per_seed} | {_fmt(cost)} | {_fmt(learning_cost)} | {_fmt(cpu)} "
+                f"| {_fmt(cpu / sac_cpu, 2)}x |"
+            )
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("sb3-softac", "stable-baselines3", "torch", "gymnasium", "mujoco"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "?"
+    return out
+
+
+def _write_json(path: Path, meta: dict[str, Any], runs: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "runs": list(runs)}, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _header(meta: dict[str, Any]) -> str:
+    budgets = "; ".join(
+        f"{b['env_id']}: {b['steps']} steps, learning_starts {b['learning_starts']}, lr {b['learning_rate']}, "
+        f"net {list(b['net_arch'])}, batch {b['batch_size']}"
+        for b in meta["budgets"]
+    )
+    return (
+        f"Sample efficiency at equal environment steps ({meta['date']}, {meta['jobs']} jobs, 1 torch thread each; "
+        f"command: `{meta['command']}`).\n\nBudgets: {budgets}. DroQ: dropout 0.01 + layer norm, 2 critics; REDQ: 10 "
+        "critics, target min over a random pair; both with policy_delay = UTD. Final return: mean of "
+        f"{meta['eval_episodes']} deterministic episodes per seed. Cost: wall time of `learn()` per env step over "
+        "the whole run, and wall and process CPU time per env step after learning_starts (a learning step: one env "
+        "step plus its UTD gradient steps). On a shared machine wall time depends on the load; CPU time and its "
+        "ratio to SAC are the steadier numbers."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. n-1)")
+    parser.add_argument("--utd", type=int, default=5, help="gradient steps per env step of DroQ and REDQ")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (1: run in this process)")
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=None, help="override the env-step budget of every env")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--tag", default=None, help="file name stem (default: sample_efficiency[_quick])")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny budgets and networks, UTD 2, 2 seeds")
+    parser.add_argument("--from-json", type=Path, default=None, help="re-render a saved result file")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the finished runs of the result file and run only the others"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.utd, args.eval_episodes = min(args.seeds, 2), 2, 1
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Run (or re-render) the benchmark; return the markdown report."""
+    args = parse_args(argv)
+    if args.from_json is not None:
+        data = json.loads(args.from_json.read_text(encoding="utf-8"))
+        text = f"{_header(data['meta'])}\n\n{render_table(data['runs'])}\n"
+        print(text)
+        return text
+
+    budgets = [(QUICK_BUDGETS if args.quick else BUDGETS)[env_id] for env_id in args.envs]
+    if args.steps is not None:
+        budgets = [
+            EnvBudget(
+                b.env_id, args.steps, min(b.learning_starts, args.steps // 2), b.learning_rate, b.net_arch, b.batch_size
+            )
+            for b in budgets
+        ]
+    jobs = [
+        Job(budget, setting, seed, args.utd, args.eval_episodes, setting_kwargs(setting, budget, args.utd))
+        for budget in budgets
+        for setting in args.settings
+        for seed in range(args.seeds)
+    ]
+    # Longest first (REDQ/DroQ, bigger envs), so that the two workers finish together.
+    weight = {"SAC": 1.0, "DroQ": 1.0 + args.utd, "REDQ": 1.0 + 2 * args.utd}
+    jobs.sort(key=lambda j: -(j.budget.steps - j.budget.learning_starts) * weight[j.setting])
+
+    tag = args.tag or ("sample_efficiency_quick" if args.quick else "sample_efficiency")
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = args.out / f"{tag}.json", args.out / f"{tag}.md"
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python benchmarks/sample_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "jobs": args.jobs,
+        "utd": args.utd,
+        "eval_episodes": args.eval_episodes,
+        "budgets": [asdict(b) for b in budgets],
+        "versions": _versions(),
+        "cpu_count": os.cpu_count(),
+    }
+    runs: list[dict[str, Any]] = []
+    if args.resume and json_path.is_file():
+        planned = {(j.budget.env_id, j.setting, j.seed, j.budget.steps) for j in jobs}
+        runs = [
+            r
+            for r in json.loads(json_path.read_text(encoding="utf-8"))["runs"]
+            if (r["env_id"], r["setting"], r["seed"], r["steps"]) in planned and r["utd"] in (1, args.utd)
+        ]
+        finished = {(r["env_id"], r["setting"], r["seed"]) for r in runs}
+        jobs = [j for j in jobs if (j.budget.env_id, j.setting, j.seed) not in finished]
+        print(f"resuming: {len(runs)} runs kept, {len(jobs)} to run", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    total = len(runs) + len(jobs)
+
+    def done(run: dict[str, Any]) -> None:
+        runs.append(run)
+        _write_json(json_path, meta, runs)
+        print(
+            f"[{time.perf_counter() - start:7.0f}s] {len(runs)}/{total} {run['env_id']} {run['setting']} "
+            f"seed {run['seed']}: return {run['final_mean']:.1f}, {run['ms_per_env_step']:.1f} ms/env step",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    if args.jobs <= 1:
+        for job in jobs:
+            done(run_job(job))
+    else:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(run_job, job) for job in jobs]):
+                done(future.result())
+    meta["total_wall_s"] = time.perf_counter() - start
+    _write_json(json_path, meta, runs)
+    text = f"{_header(meta)}\n\n{render_table(runs)}\n\nTotal wall time: {meta['total_wall_s'] / 60:.1f} min.\n"
+    md_path.write_text(text, encoding="utf-8")
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()

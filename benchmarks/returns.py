@@ -265,7 +265,7 @@ def run_job(job: Job) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float, digits: int = 1) -> str:
+def fmt_number(value: float, digits: int = 1) -> str:
     """Number or 'n/a' for nan."""
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
@@ -305,8 +305,9 @@ def render_table(runs: Sequence[dict[str, Any]]) -> str:
         r_min = statistics.fmean(r["train_s"] for r in ref) / 60 if ref else math.nan
         lines.append(
             f"| {env_id} | {steps} | {max(len(ours), len(ref))} | {_label(ours, 'ours')} "
-            f"| {_fmt(o_mean)} +- {_fmt(o_ci)} | {_fmt(r_mean)} +- {_fmt(r_ci)} | {_fmt(o_mean - r_mean)} "
-            f"| {_fmt(p_value, 3)} | {_fmt(o_min)} / {_fmt(r_min)} |"
+            f"| {fmt_number(o_mean)} +- {fmt_number(o_ci)} | {fmt_number(r_mean)} +- {fmt_number(r_ci)} "
+            f"| {fmt_number(o_mean - r_mean)} "
+            f"| {fmt_number(p_value, 3)} | {fmt_number(o_min)} / {fmt_number(r_min)} |"
         )
         for run in ours + ref:
             per_seed.append(
@@ -356,7 +357,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
-def _write_json(path: Path, meta: dict[str, Any], runs: Sequence[dict[str, Any]]) -> None:
+def write_results_json(path: Path, meta: dict[str, Any], runs: Sequence[dict[str, Any]]) -> None:
     """Atomically (re)write the raw results file."""
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -516,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     def on_done(result: dict[str, Any]) -> None:
         runs.append(result)
-        _write_json(json_path, meta, runs)
+        write_results_json(json_path, meta, runs)
         print(
             f"[{len(runs)}/{len(jobs)} {time.perf_counter() - start:.0f}s] {result['env_id']} {result['label']} "
             f"seed {result['seed']}: final {result['final_mean']:.1f} (train {result['train_s']:.0f}s)",

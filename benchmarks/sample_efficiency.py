@@ -40,6 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The statistics and the results file are shared with returns.py, next to this script.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from returns import fmt_number, mean_ci95, write_results_json
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SETTINGS = ("SAC", "DroQ", "REDQ")
 
@@ -107,28 +111,6 @@ class Job:
 # ----------------------------------------------------------------------------------------------------------------
 
 # Two-sided 95% Student-t quantiles t_{0.975, df} for small df, used when scipy is missing.
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def t975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
-    try:
-        from scipy import stats
-    except ImportError:
-        return _T975.get(df, 1.96 if df > 30 else 2.1)
-    return float(stats.t.ppf(0.975, df))
-
-
-def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t confidence interval of the mean (nan half-width below two values)."""
-    if not values:
-        return math.nan, math.nan
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Worker
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,10 +186,6 @@ def run_job(job: Job) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float, digits: int = 1) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
-
-
 def render_table(runs: Sequence[dict[str, Any]]) -> str:
     """Markdown table: one row per (env, setting), plus the per-seed returns."""
     lines = [
@@ -235,8 +213,9 @@ def render_table(runs: Sequence[dict[str, Any]]) -> str:
             per_seed = ", ".join(f"{r['final_mean']:.0f}" for r in group)
             lines.append(
                 f"| {env_id} | {group[0]['steps']} | {setting} | {group[0]['utd']} | {len(group)} "
-                f"| {_fmt(mean)} +- {_fmt(half)} | {per_seed} | {_fmt(cost)} | {_fmt(learning_cost)} | {_fmt(cpu)} "
-                f"| {_fmt(cpu / sac_cpu, 2)}x |"
+                f"| {fmt_number(mean)} +- {fmt_number(half)} | {per_seed} | {fmt_number(cost)} "
+                f"| {fmt_number(learning_cost)} | {fmt_number(cpu)} "
+                f"| {fmt_number(cpu / sac_cpu, 2)}x |"
             )
     return "\n".join(lines)
 
@@ -249,12 +228,6 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "?"
     return out
-
-
-def _write_json(path: Path, meta: dict[str, Any], runs: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "runs": list(runs)}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _header(meta: dict[str, Any]) -> str:
@@ -357,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     def done(run: dict[str, Any]) -> None:
         runs.append(run)
-        _write_json(json_path, meta, runs)
+        write_results_json(json_path, meta, runs)
         print(
             f"[{time.perf_counter() - start:7.0f}s] {len(runs)}/{total} {run['env_id']} {run['setting']} "
             f"seed {run['seed']}: return {run['final_mean']:.1f}, {run['ms_per_env_step']:.1f} ms/env step",
@@ -373,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             for future in concurrent.futures.as_completed([pool.submit(run_job, job) for job in jobs]):
                 done(future.result())
     meta["total_wall_s"] = time.perf_counter() - start
-    _write_json(json_path, meta, runs)
+    write_results_json(json_path, meta, runs)
     text = f"{_header(meta)}\n\n{render_table(runs)}\n\nTotal wall time: {meta['total_wall_s'] / 60:.1f} min.\n"
     md_path.write_text(text, encoding="utf-8")
     print(text, flush=True)

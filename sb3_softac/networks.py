@@ -45,6 +45,10 @@ class EnsembleLinear(nn.Module):
             # A shared input is broadcast without a copy; the result stays contiguous per member, which keeps
             # the elementwise ops that follow (and their backward) on their fast path.
             x = x.expand(self.n_members, *x.shape)
+        if self.out_features == 1:
+            # A single output (the critics' Q head) as a multiply-and-sum: on the CPU, a batched matmul whose
+            # output or inner size is 1 runs several times slower than this, forward and backward.
+            return th.sum(x * self.weight.transpose(1, 2), dim=-1, keepdim=True) + self.bias
         return th.baddbmm(self.bias, x, self.weight)
 
     def extra_repr(self) -> str:

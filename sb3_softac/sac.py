@@ -19,6 +19,7 @@ from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name
 from torch import nn
 
 from sb3_softac import checkpoints
+from sb3_softac.engine import UPDATE_ENGINES, UpdateEngine, minibatch, unsupported_reason
 from sb3_softac.losses import (
     actor_loss,
     critic_loss,
@@ -160,6 +161,8 @@ class SAC(OffPolicyAlgorithm):
     :param critic_subset_size: REDQ's in-target minimisation: the target takes the minimum over this many
         critics drawn at random at each step, and the actor maximises the mean of all critics (Chen et al.
         2021). None takes the minimum over all critics in both, as SAC does
+    :param update_engine: ``"auto"`` runs the update through the autograd-free :mod:`sb3_softac.engine` where it
+        covers the configuration (``update_path`` says which path runs), ``"autograd"`` always uses autograd
     :param _init_setup_model: whether to build the networks on creation
     """
 
@@ -205,6 +208,7 @@ class SAC(OffPolicyAlgorithm):
         policy_delay: int = 1,
         qf_learning_rate: float | Schedule | None = None,
         critic_subset_size: int | None = None,
+        update_engine: str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
         if not 0.0 <= tau <= 1.0:
@@ -228,6 +232,11 @@ class SAC(OffPolicyAlgorithm):
         if critic_subset_size is not None and critic_subset_size < 1:
             raise ValueError(
                 f"critic_subset_size={critic_subset_size} must be a positive integer, or None for all critics."
+            )
+        if update_engine not in UPDATE_ENGINES:
+            raise ValueError(
+                f"update_engine={update_engine!r} is not one of {UPDATE_ENGINES}: 'auto' uses the fast autograd-free "
+                "update wherever it applies, 'autograd' always uses autograd."
             )
         _parse_ent_coef(ent_coef)
         super().__init__(
@@ -277,6 +286,7 @@ class SAC(OffPolicyAlgorithm):
         self.policy_delay = policy_delay
         self.qf_learning_rate = qf_learning_rate
         self.critic_subset_size = critic_subset_size
+        self.update_engine = update_engine
         self.log_ent_coef: th.Tensor | None = None
         self.ent_coef_optimizer: th.optim.Optimizer | None = None
         self.ent_coef_tensor: th.Tensor | None = None
@@ -298,6 +308,15 @@ class SAC(OffPolicyAlgorithm):
             self.ent_coef_optimizer = th.optim.Adam([self.log_ent_coef], lr=self.lr_schedule(1), fused=True)
         else:
             self.ent_coef_tensor = th.tensor(value, device=self.device)
+        self._select_update_path()
+
+    def _select_update_path(self) -> None:
+        """Set ``update_path``: ``"engine"`` (autograd-free) where it covers the model, else ``"autograd"``."""
+        reason = unsupported_reason(self) if self.update_engine == "auto" else "update_engine='autograd'"
+        self.update_path = "engine" if reason is None else "autograd"
+        self._engine = UpdateEngine()
+        if self.verbose >= 1:
+            print(f"SAC update path: {self.update_path}" + ("" if reason is None else f" ({reason})"))
 
     def _create_aliases(self) -> None:
         self.actor = self.policy.actor
@@ -326,7 +345,9 @@ class SAC(OffPolicyAlgorithm):
         # Statistics stay on the device until the end of the call: no host sync per gradient step.
         stats = th.full((gradient_steps, len(_STATS)), float("nan"), device=self.device)
         actor_updated = np.zeros(gradient_steps, dtype=bool)
-        for step in range(gradient_steps):
+        if self.update_path == "engine":
+            self._engine_steps(gradient_steps, batch_size, stats, actor_updated)
+        for step in range(gradient_steps if self.update_path == "autograd" else 0):
             replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
             n_update = self._n_updates + step
             actor_updated[step] = n_update % self.policy_delay == 0
@@ -335,6 +356,29 @@ class SAC(OffPolicyAlgorithm):
                 self._update_target_critics()
         self._record_stats(stats.cpu().numpy(), actor_updated)
         self._n_updates += gradient_steps
+
+    def _engine_steps(self, gradient_steps: int, batch_size: int, stats: th.Tensor, actor_updated: np.ndarray) -> None:
+        """The gradient steps of one ``train`` call through the autograd-free engine.
+
+        All the call's minibatches are drawn at once, as SBX does (with one environment the replay buffer then
+        draws the same indices as ``gradient_steps`` separate draws).
+        """
+        reason = self._engine.begin(self)
+        if reason is not None:
+            warnings.warn(f"The model changed since it was built ({reason}): updating with autograd.", stacklevel=3)
+            self.update_path = "autograd"
+            return
+        samples = self.replay_buffer.sample(batch_size * gradient_steps, env=self._vec_normalize_env)  # type: ignore[union-attr]
+        for step in range(gradient_steps):
+            n_update = self._n_updates + step
+            actor_updated[step] = n_update % self.policy_delay == 0
+            stats[step] = self._engine.gradient_step(
+                self,
+                minibatch(samples, step, batch_size),
+                update_actor=bool(actor_updated[step]),
+                update_target=n_update % self.target_update_interval == 0,
+                actor_q_reduction="mean" if self.critic_subset_size is not None else "min",
+            )
 
     def _gradient_step(self, replay_data: ReplayBufferSamples, update_actor: bool) -> th.Tensor:
         """One SAC update: temperature, critics, then actor, in the order of SB3's SAC.
@@ -486,7 +530,7 @@ class SAC(OffPolicyAlgorithm):
         checkpoints.softac_archive_to_sb3(buffer, path)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "actor", "critic", "critic_target"]
+        return [*super()._excluded_save_params(), "actor", "critic", "critic_target", "update_path", "_engine"]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         state_dicts = ["policy", "actor.optimizer", "critic.optimizer"]

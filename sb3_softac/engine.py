@@ -31,6 +31,7 @@ from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN, _squashed_log_prob
 from sb3_softac.losses import actor_loss, critic_loss, min_over_critics, soft_q_target, soft_state_value
@@ -158,6 +159,94 @@ def _linear(weight: th.Tensor, bias: th.Tensor) -> _Linear:
     return _Linear(weight, bias, _with_grad(weight), _with_grad(bias))
 
 
+# Per parameter group: parameters, gradients, first and second moments, max second moments (amsgrad), steps.
+_AdamTensors = tuple[
+    list[th.Tensor], list[th.Tensor], list[th.Tensor], list[th.Tensor], list[th.Tensor], list[th.Tensor]
+]
+
+
+class _AdamStep:
+    """``optimizer.step()`` for a fused Adam/AdamW: the same kernel on the optimizer's own state tensors.
+
+    ``Optimizer.step`` spends about 0.1 ms per call in Python collecting its tensors; here they are collected
+    once per ``train`` call. Everything the kernel reads comes from the optimizer at each call (its
+    hyper-parameters, its ``found_inf``), so ``optimizer.state_dict()`` stays the truth. Anything else (state not
+    created yet, a non-fused optimizer, gradient scaling, step hooks) goes through ``optimizer.step()``.
+    """
+
+    def __init__(self, optimizer: th.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._tensors: list[_AdamTensors] | None = None
+
+    def _collect(self) -> list[_AdamTensors] | None:
+        optimizer = self.optimizer
+        if (
+            getattr(optimizer, "grad_scale", None) is not None
+            or optimizer._optimizer_step_pre_hooks
+            or optimizer._optimizer_step_post_hooks
+            or torch_optimizer._global_optimizer_pre_hooks
+            or torch_optimizer._global_optimizer_post_hooks
+        ):
+            return None
+        tensors: list[_AdamTensors] = []
+        for group in optimizer.param_groups:
+            if not group["fused"] or group["differentiable"]:
+                return None
+            if any(not optimizer.state.get(p) for p in group["params"]):
+                return None
+            states = [optimizer.state[p] for p in group["params"]]
+            tensors.append(
+                (
+                    list(group["params"]),
+                    [p.grad for p in group["params"]],
+                    [state["exp_avg"] for state in states],
+                    [state["exp_avg_sq"] for state in states],
+                    [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
+                    [state["step"] for state in states],
+                )
+            )
+        return tensors
+
+    def forget(self) -> None:
+        """Collect the tensors again at the next call."""
+        self._tensors = None
+
+    def __call__(self) -> None:
+        if self._tensors is None:
+            self._tensors = self._collect()
+            if self._tensors is None:
+                self.optimizer.step()
+                return
+        found_inf = getattr(self.optimizer, "found_inf", None)
+        for group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in zip(
+            self.optimizer.param_groups, self._tensors, strict=True
+        ):
+            th._foreach_add_(steps, 1)
+            decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, th.optim.AdamW))
+            kernel = th._fused_adamw_ if decoupled else th._fused_adam_
+            beta1, beta2 = group["betas"]
+            kernel(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                steps,
+                amsgrad=group["amsgrad"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                grad_scale=None,
+                found_inf=found_inf,
+            )
+            if found_inf is not None:
+                # As Optimizer.step does: a skipped step does not count.
+                th._foreach_sub_(steps, [found_inf] * len(steps))
+
+
 @dataclass
 class _Bound:
     """Live references to everything of a model the update reads or writes."""
@@ -170,9 +259,9 @@ class _Bound:
     target_parameters: list[th.Tensor]
     critic_parameters: list[th.Tensor]
     activation: _Activation
-    actor_optimizer: th.optim.Optimizer
-    critic_optimizer: th.optim.Optimizer
-    ent_coef_optimizer: th.optim.Optimizer | None
+    actor_optimizer: _AdamStep
+    critic_optimizer: _AdamStep
+    ent_coef_optimizer: _AdamStep | None
     log_ent_coef: th.Tensor | None
     log_ent_coef_grad: th.Tensor | None
     fixed_ent_coef: th.Tensor | None
@@ -200,9 +289,9 @@ class _Bound:
             target_parameters=[t for layer in target_layers for t in (layer.weight, layer.bias)],
             critic_parameters=[t for layer in critic_layers for t in (layer.weight, layer.bias)],
             activation=activation,
-            actor_optimizer=actor.optimizer,
-            critic_optimizer=critic.optimizer,
-            ent_coef_optimizer=model.ent_coef_optimizer,
+            actor_optimizer=_AdamStep(actor.optimizer),
+            critic_optimizer=_AdamStep(critic.optimizer),
+            ent_coef_optimizer=None if model.ent_coef_optimizer is None else _AdamStep(model.ent_coef_optimizer),
             log_ent_coef=log_ent_coef,
             log_ent_coef_grad=None if log_ent_coef is None else _with_grad(log_ent_coef),
             fixed_ent_coef=model.ent_coef_tensor,
@@ -244,6 +333,7 @@ class _Buffers:
         self.actor_critic_in = empty(batch_size, obs_dim + action_dim)
         self.critic_hidden = [empty(n_critics, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
         self.critic_hidden_grad = [empty(n_critics, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
+        self.head_product = empty(n_critics, batch_size, bound.critic[-1].weight.shape[1])
         self.q = empty(n_critics, batch_size, 1)
         self.q_grad = empty(n_critics, batch_size, 1)
         self.target_hidden = [empty(n_critics, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
@@ -313,6 +403,10 @@ class UpdateEngine:
             self._bound = _Bound.from_model(model)
             self._identity = identity
             self._buffers = None
+        # The optimizers' state tensors may have been replaced (load_state_dict) since the last call.
+        for step in (self._bound.actor_optimizer, self._bound.critic_optimizer, self._bound.ent_coef_optimizer):
+            if step is not None:
+                step.forget()
         return None
 
     def _buffers_for(self, batch_size: int, obs_dim: int, action_dim: int, like: th.Tensor) -> _Buffers:
@@ -378,13 +472,13 @@ class UpdateEngine:
                 ent_coef_loss = temperature_objective(bound.log_ent_coef, log_prob_pi, target_entropy)
                 # d/dlog(alpha) of -log(alpha) * mean(log pi + target entropy)
                 th.mean(log_prob_pi, dim=0, out=bound.log_ent_coef_grad).add_(target_entropy).neg_()
-                bound.ent_coef_optimizer.step()
+                bound.ent_coef_optimizer()
 
         # Soft Q target from the target critics at the next observations.
         obs_dim = obs.shape[1]
         buf.target_in[:, :obs_dim].copy_(replay_data.next_observations.flatten(1))
         buf.target_in[:, obs_dim:].copy_(buf.actions[batch_size:])
-        self._critic_forward(bound.critic_target, bound.activation, buf.target_in, buf.target_hidden, buf.target_q)
+        self._critic_forward(bound.critic_target, bound.activation, buf.target_in, buf.target_hidden, buf, buf.target_q)
         next_q = min_over_critics(buf.target_q, model.critic_subset_size)
         discounts = replay_data.discounts if replay_data.discounts is not None else model.gamma
         next_value = soft_state_value(next_q, next_log_prob, ent_coef)
@@ -393,12 +487,12 @@ class UpdateEngine:
         # Critic loss 1/2 sum_i mean_b (Q_i - y)^2: its gradient w.r.t. Q_i(s_b, a_b) is (Q_i - y) / batch.
         buf.critic_in[:, :obs_dim].copy_(obs)
         buf.critic_in[:, obs_dim:].copy_(replay_data.actions)
-        self._critic_forward(bound.critic, bound.activation, buf.critic_in, buf.critic_hidden, buf.q)
+        self._critic_forward(bound.critic, bound.activation, buf.critic_in, buf.critic_hidden, buf, buf.q)
         loss_q = critic_loss(buf.q, target_q)
         mean_q = buf.q.mean()
         th.sub(buf.q, target_q, out=buf.q_grad).div_(batch_size)
         self._critic_backward(bound, buf, buf.critic_in, weights=True)
-        bound.critic_optimizer.step()
+        bound.critic_optimizer()
 
         if update_actor:
             loss_pi = self._actor_step(bound, buf, ent_coef, log_prob_pi, actor_q_reduction, obs_dim)
@@ -423,14 +517,23 @@ class UpdateEngine:
 
     @staticmethod
     def _critic_forward(
-        layers: list[_Linear], activation: _Activation, x: th.Tensor, hidden: list[th.Tensor], q: th.Tensor
+        layers: list[_Linear],
+        activation: _Activation,
+        x: th.Tensor,
+        hidden: list[th.Tensor],
+        buf: _Buffers,
+        q: th.Tensor,
     ) -> None:
         """Every critic's value of the shared input ``x`` (batch, obs + action) into ``q`` (n, batch, 1)."""
         h = x.expand(layers[0].weight.shape[0], *x.shape)
         for layer, out in zip(layers[:-1], hidden, strict=True):
             h = th.baddbmm(layer.bias, h, layer.weight, out=out)
             _activate(h, activation)
-        th.baddbmm(layers[-1].bias, h, layers[-1].weight, out=q)
+        # The single-output head as multiply-and-sum, as EnsembleLinear does it: a batched matmul with an output
+        # size of 1 is several times slower on the CPU.
+        head = layers[-1]
+        th.mul(h, head.weight.transpose(1, 2), out=buf.head_product)
+        th.sum(buf.head_product, dim=-1, keepdim=True, out=q).add_(head.bias)
 
     @staticmethod
     def _critic_backward(bound: _Bound, buf: _Buffers, x: th.Tensor, weights: bool) -> th.Tensor | None:
@@ -440,23 +543,39 @@ class UpdateEngine:
             w.r.t. the input's action columns, summed over the critics, without touching them (actor loss)
         """
         layers = bound.critic
+        n_critics = layers[0].weight.shape[0]
+        inputs = [x.expand(n_critics, *x.shape), *buf.critic_hidden]
+        head = layers[-1]
+        if weights:
+            # Head: dW = sum_b h_b g_b, again as multiply-and-sum rather than a matmul with an inner size of 1.
+            th.mul(inputs[-1], buf.q_grad, out=buf.head_product)
+            th.sum(buf.head_product, dim=1, out=head.grad_weight.squeeze(-1))
+            th.sum(buf.q_grad, dim=1, keepdim=True, out=head.grad_bias)
         grad = buf.q_grad
-        inputs = [x.expand(layers[0].weight.shape[0], *x.shape), *buf.critic_hidden]
-        for i in range(len(layers) - 1, -1, -1):
-            layer = layers[i]
-            if weights:
-                th.bmm(inputs[i].transpose(1, 2), grad, out=layer.grad_weight)
-                th.sum(grad, dim=1, keepdim=True, out=layer.grad_bias)
-            if i == 0:
-                break
+        for i in range(len(layers) - 1, 0, -1):
             hidden_grad = buf.critic_hidden_grad[i - 1]
-            th.bmm(grad, layer.weight.transpose(1, 2), out=hidden_grad)
+            if i == len(layers) - 1:
+                th.mul(grad, head.weight.transpose(1, 2), out=hidden_grad)
+            else:
+                th.bmm(grad, layers[i].weight.transpose(1, 2), out=hidden_grad)
             _activation_backward(hidden_grad, buf.critic_hidden[i - 1], bound.activation, out=hidden_grad)
             grad = hidden_grad
+            if weights:
+                layer = layers[i - 1]
+                if i == 1:
+                    # The input is shared by all critics: one broadcast matmul instead of a bmm on an expanded copy.
+                    th.matmul(x.t(), grad, out=layer.grad_weight)
+                else:
+                    th.bmm(inputs[i - 1].transpose(1, 2), grad, out=layer.grad_weight)
+                th.sum(grad, dim=1, keepdim=True, out=layer.grad_bias)
         if weights:
             return None
         obs_dim = x.shape[1] - buf.action_grad.shape[1]
-        th.bmm(grad, layers[0].weight[:, obs_dim:, :].transpose(1, 2), out=buf.action_grad_members)
+        first = layers[0].weight[:, obs_dim:, :]
+        if len(layers) == 1:  # no hidden layer: the action gradient is the head's weight itself
+            th.mul(grad, first.transpose(1, 2), out=buf.action_grad_members)
+        else:
+            th.bmm(grad, first.transpose(1, 2), out=buf.action_grad_members)
         return th.sum(buf.action_grad_members, dim=0, out=buf.action_grad)
 
     def _actor_step(
@@ -472,7 +591,7 @@ class UpdateEngine:
         batch_size = log_prob.shape[0]
         buf.actor_critic_in[:, :obs_dim].copy_(buf.actor_in[:batch_size])
         buf.actor_critic_in[:, obs_dim:].copy_(buf.actions[:batch_size])
-        self._critic_forward(bound.critic, bound.activation, buf.actor_critic_in, buf.critic_hidden, buf.q)
+        self._critic_forward(bound.critic, bound.activation, buf.actor_critic_in, buf.critic_hidden, buf, buf.q)
         # d loss / d Q_i(s_b, a_b) is -1/batch on the critic the reduction picks (min: the argmin, as autograd's
         # min backward routes it) or -1/(batch n) on each of them (mean).
         if reduction == "min":
@@ -519,5 +638,5 @@ class UpdateEngine:
                 if i > 0:
                     th.mm(grad, layer.weight, out=buf.actor_hidden_grad[i - 1])
                     grad = buf.actor_hidden_grad[i - 1]
-        bound.actor_optimizer.step()
+        bound.actor_optimizer()
         return loss_pi

@@ -168,8 +168,10 @@ def test_one_update_matches_autograd(monkeypatch: pytest.MonkeyPatch, config: di
         dict(policy_delay=2),
         dict(policy_delay=3, policy_kwargs=dict(n_critics=10), critic_subset_size=3, ent_coef=0.05),
         dict(target_update_interval=3, tau=0.5, qf_learning_rate=1e-2, learning_rate=1e-2),
+        dict(policy_kwargs=dict(optimizer_class=th.optim.AdamW, optimizer_kwargs=dict(weight_decay=0.1, amsgrad=True))),
+        dict(policy_kwargs=dict(optimizer_kwargs=dict(fused=False, betas=(0.5, 0.9), maximize=False))),
     ],
-    ids=["policy-delay-2", "redq-delay-3-fixed-alpha", "target-interval-3"],
+    ids=["policy-delay-2", "redq-delay-3-fixed-alpha", "target-interval-3", "adamw-amsgrad", "unfused-adam"],
 )
 def test_several_updates_in_one_call_match_autograd(monkeypatch: pytest.MonkeyPatch, config: dict) -> None:
     """``gradient_steps`` > 1: the engine draws every minibatch at once, autograd one by one; same rows here."""

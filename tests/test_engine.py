@@ -20,6 +20,7 @@ from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch import nn
 
 from sb3_softac import SAC
+from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN
 from sb3_softac.policies import SACPolicy
 
 BATCH = 32
@@ -185,18 +186,25 @@ def test_several_updates_in_one_call_match_autograd(monkeypatch: pytest.MonkeyPa
 
 
 def test_log_std_clamp_stops_the_gradient_outside_its_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Push some log stds beyond LOG_STD_MAX (and others near LOG_STD_MIN): the clamp's gradient must match."""
+    """Log stds beyond, inside and exactly on [LOG_STD_MIN, LOG_STD_MAX]: the clamp's gradient must match autograd's.
+
+    With the head's weights at zero every sample has the same raw log std per dimension: below the minimum,
+    above the maximum, inside, exactly at the maximum and exactly at the minimum (where clamp passes the gradient).
+    """
     engine, reference = _pair(monkeypatch, 6)
+    raw = th.tensor([-25.0, 3.0, 0.0, LOG_STD_MAX, LOG_STD_MIN, 1.0], dtype=th.float64)
     for model in (engine, reference):
         with th.no_grad():
-            model.actor.log_std.bias.copy_(th.tensor([-25.0, 3.0, 0.0, 2.5, -19.0, 1.0], dtype=th.float64))
+            model.actor.log_std.weight.zero_()
+            model.actor.log_std.bias.copy_(raw)
     pool = _batches(6, BATCH)
     _train(engine, pool, 1)
     _train(reference, pool, 1)
     _assert_same_update(engine, reference)
-    # Dimensions clamped for every sample get no gradient at all.
-    assert engine.actor.log_std.bias.grad is not None
-    assert float(engine.actor.log_std.bias.grad[0]) == 0.0 and float(engine.actor.log_std.bias.grad[1]) == 0.0
+    gradient = engine.actor.log_std.bias.grad
+    assert gradient is not None
+    assert float(gradient[0]) == 0.0 and float(gradient[1]) == 0.0  # clamped for every sample: no gradient
+    assert float(gradient[3]) != 0.0 and float(gradient[4]) != 0.0  # on the bounds: the gradient passes
 
 
 def test_pendulum_200_steps_stay_with_autograd() -> None:

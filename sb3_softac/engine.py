@@ -34,9 +34,17 @@ from torch import nn
 from torch.optim import optimizer as torch_optimizer
 
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN, _squashed_log_prob
-from sb3_softac.losses import actor_loss, critic_loss, min_over_critics, soft_q_target, soft_state_value
+from sb3_softac.losses import (
+    CriticReduction,
+    actor_loss,
+    critic_loss,
+    min_over_critics,
+    soft_q_target,
+    soft_state_value,
+)
 from sb3_softac.losses import temperature_loss as temperature_objective
 from sb3_softac.networks import EnsembleLinear
+from sb3_softac.nonfinite import flag_nonfinite, guarded_step
 from sb3_softac.policies import Actor, SACPolicy
 
 if TYPE_CHECKING:
@@ -69,8 +77,9 @@ def unsupported_reason(model: SAC) -> str | None:
     policy = model.policy
     if type(policy) is not SACPolicy:
         return f"the policy class {type(policy).__name__} is not the plain MlpPolicy"
-    if type(model)._gradient_step is not _sac_class()._gradient_step:
-        return "the SAC subclass overrides _gradient_step"
+    for method in ("_gradient_step", "_update_actor", "_update_target_critics", "_optimize"):
+        if getattr(type(model), method) is not getattr(_sac_class(), method):
+            return f"the SAC subclass overrides {method}"
     if not isinstance(model.action_space, spaces.Box) or not isinstance(model.observation_space, spaces.Box):
         return "only Box observations and Box actions are covered"
     if is_image_space(model.observation_space, check_channels=False) and policy.normalize_images:
@@ -169,9 +178,10 @@ class _AdamStep:
     """``optimizer.step()`` for a fused Adam/AdamW: the same kernel on the optimizer's own state tensors.
 
     ``Optimizer.step`` spends about 0.1 ms per call in Python collecting its tensors; here they are collected
-    once per ``train`` call. Everything the kernel reads comes from the optimizer at each call (its
-    hyper-parameters, its ``found_inf``), so ``optimizer.state_dict()`` stays the truth. Anything else (state not
-    created yet, a non-fused optimizer, gradient scaling, step hooks) goes through ``optimizer.step()``.
+    once per ``train`` call. The hyper-parameters come from the optimizer at each call and the state tensors are
+    its own, so ``optimizer.state_dict()`` stays the truth; the non-finite flag is the kernel's ``found_inf``, as
+    in :func:`sb3_softac.nonfinite.guarded_step`. Anything else (state not created yet, a non-fused optimizer,
+    gradient scaling, step hooks) goes through ``guarded_step`` itself.
     """
 
     def __init__(self, optimizer: th.optim.Optimizer) -> None:
@@ -190,7 +200,7 @@ class _AdamStep:
             return None
         tensors: list[_AdamTensors] = []
         for group in optimizer.param_groups:
-            if not group["fused"] or group["differentiable"]:
+            if not group.get("fused") or group["differentiable"]:
                 return None
             if any(not optimizer.state.get(p) for p in group["params"]):
                 return None
@@ -211,13 +221,18 @@ class _AdamStep:
         """Collect the tensors again at the next call."""
         self._tensors = None
 
-    def __call__(self) -> None:
+    def __call__(self, loss: th.Tensor, flag: th.Tensor) -> None:
+        """Check ``loss`` and the gradients, then step unless ``flag`` is set (see :mod:`sb3_softac.nonfinite`).
+
+        :param loss: the loss whose gradients are in the parameters' ``.grad``
+        :param flag: the ``train`` call's non-finite flag
+        """
+        flag_nonfinite(flag, [loss], self.optimizer)
         if self._tensors is None:
             self._tensors = self._collect()
             if self._tensors is None:
-                self.optimizer.step()
+                guarded_step(self.optimizer, flag)
                 return
-        found_inf = getattr(self.optimizer, "found_inf", None)
         for group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in zip(
             self.optimizer.param_groups, self._tensors, strict=True
         ):
@@ -240,11 +255,10 @@ class _AdamStep:
                 eps=group["eps"],
                 maximize=group["maximize"],
                 grad_scale=None,
-                found_inf=found_inf,
+                found_inf=flag,
             )
-            if found_inf is not None:
-                # As Optimizer.step does: a skipped step does not count.
-                th._foreach_sub_(steps, [found_inf] * len(steps))
+            # As Optimizer.step does with found_inf: a skipped step does not count.
+            th._foreach_sub_(steps, [flag] * len(steps))
 
 
 @dataclass
@@ -419,32 +433,27 @@ class UpdateEngine:
 
     @th.no_grad()
     def gradient_step(
-        self,
-        model: SAC,
-        replay_data: ReplayBufferSamples,
-        update_actor: bool,
-        update_target: bool,
-        actor_q_reduction: Literal["min", "mean"],
-    ) -> th.Tensor:
+        self, model: SAC, replay_data: ReplayBufferSamples, update_actor: bool, update_target: bool
+    ) -> tuple[th.Tensor, th.Tensor | None]:
         """One SAC update of ``model`` on a minibatch, as :meth:`SAC._gradient_step` and the target update do it.
+
+        It obeys the model's non-finite flag as the autograd update does (see :mod:`sb3_softac.nonfinite`): each
+        loss and its gradients are checked before the optimizer step, which, like the Polyak update, does nothing
+        once the flag is set.
 
         :param model: the model bound by :meth:`begin`
         :param replay_data: the minibatch
         :param update_actor: whether to update the temperature and the actor after the critics
         :param update_target: whether to move the target critics towards the critics afterwards
-        :param actor_q_reduction: how the actor loss reduces the critics' values: their minimum or their mean
-        :return: the statistics of ``sb3_softac.sac._STATS`` as one tensor (NaN where not computed)
+        :return: the critic statistics row and, when the actor was updated, the actor statistics row, as
+            :meth:`SAC._gradient_step` returns them
         """
         bound = self._bound
         assert bound is not None, "call begin() first"
+        flag = model._nonfinite
         obs = replay_data.observations.flatten(1)
-        batch_size = obs.shape[0]
-        action_dim = replay_data.actions.shape[1]
-        like = bound.mu.weight
-        buf = self._buffers_for(batch_size, obs.shape[1], action_dim, like)
-        nan = th.full((), float("nan"), dtype=like.dtype, device=like.device)
-        ent_coef_loss = entropy = loss_pi = nan
-
+        batch_size, obs_dim = obs.shape
+        buf = self._buffers_for(batch_size, obs_dim, replay_data.actions.shape[1], bound.mu.weight)
         if bound.log_ent_coef is not None:
             ent_coef = bound.log_ent_coef.exp().squeeze(0)
         else:
@@ -463,19 +472,7 @@ class UpdateEngine:
         log_prob = _squashed_log_prob(buf.noise[first:], buf.gaussian_actions[first:], buf.log_std[first:]).unsqueeze(1)
         log_prob_pi, next_log_prob = log_prob[: batch_size - first], log_prob[batch_size - first :]
 
-        if update_actor:
-            entropy = -log_prob_pi.mean()
-            if bound.log_ent_coef is not None:
-                assert bound.ent_coef_optimizer is not None
-                assert bound.log_ent_coef_grad is not None
-                target_entropy = float(model.target_entropy)
-                ent_coef_loss = temperature_objective(bound.log_ent_coef, log_prob_pi, target_entropy)
-                # d/dlog(alpha) of -log(alpha) * mean(log pi + target entropy)
-                th.mean(log_prob_pi, dim=0, out=bound.log_ent_coef_grad).add_(target_entropy).neg_()
-                bound.ent_coef_optimizer()
-
         # Soft Q target from the target critics at the next observations.
-        obs_dim = obs.shape[1]
         buf.target_in[:, :obs_dim].copy_(replay_data.next_observations.flatten(1))
         buf.target_in[:, obs_dim:].copy_(buf.actions[batch_size:])
         self._critic_forward(bound.critic_target, bound.activation, buf.target_in, buf.target_hidden, buf, buf.target_q)
@@ -492,14 +489,30 @@ class UpdateEngine:
         mean_q = buf.q.mean()
         th.sub(buf.q, target_q, out=buf.q_grad).div_(batch_size)
         self._critic_backward(bound, buf, buf.critic_in, weights=True)
-        bound.critic_optimizer()
+        bound.critic_optimizer(loss_q, flag)
+        critic_row = th.stack([loss_q, ent_coef, mean_q, flag])
 
+        actor_row = None
         if update_actor:
-            loss_pi = self._actor_step(bound, buf, ent_coef, log_prob_pi, actor_q_reduction, obs_dim)
+            # The temperature after the critics, as the autograd update steps it (nothing in between reads it).
+            entropy = -log_prob_pi.mean()
+            ent_coef_loss = []
+            if bound.log_ent_coef is not None:
+                assert bound.ent_coef_optimizer is not None
+                assert bound.log_ent_coef_grad is not None
+                target_entropy = float(model.target_entropy)
+                ent_coef_loss = [temperature_objective(bound.log_ent_coef, log_prob_pi, target_entropy)]
+                # d/dlog(alpha) of -log(alpha) * mean(log pi + target entropy)
+                th.mean(log_prob_pi, dim=0, out=bound.log_ent_coef_grad).add_(target_entropy).neg_()
+                bound.ent_coef_optimizer(ent_coef_loss[0], flag)
+            loss_pi = self._actor_step(bound, buf, ent_coef, log_prob_pi, model.actor_q_reduction, obs_dim, flag)
+            actor_row = th.stack([loss_pi, entropy, *ent_coef_loss, flag])
 
         if update_target:
-            th._foreach_lerp_(bound.target_parameters, bound.critic_parameters, model.tau)
-        return th.stack([loss_q, loss_pi, ent_coef_loss.reshape(()), ent_coef, entropy, mean_q])
+            # guarded_lerp_'s weight, (1 - flag) tau, in one foreach call without reading the flag on the host.
+            weight = (1.0 - flag) * model.tau
+            th._foreach_lerp_(bound.target_parameters, bound.critic_parameters, [weight] * len(bound.target_parameters))
+        return critic_row, actor_row
 
     @staticmethod
     def _actor_forward(bound: _Bound, buf: _Buffers, first: int) -> None:
@@ -584,8 +597,9 @@ class UpdateEngine:
         buf: _Buffers,
         ent_coef: th.Tensor,
         log_prob: th.Tensor,
-        reduction: Literal["min", "mean"],
+        reduction: CriticReduction,
         obs_dim: int,
+        flag: th.Tensor,
     ) -> th.Tensor:
         """Actor loss ``mean(alpha log pi - Q(s, a_pi))`` through the just-updated critics, and its Adam step."""
         batch_size = log_prob.shape[0]
@@ -638,5 +652,5 @@ class UpdateEngine:
                 if i > 0:
                     th.mm(grad, layer.weight, out=buf.actor_hidden_grad[i - 1])
                     grad = buf.actor_hidden_grad[i - 1]
-        bound.actor_optimizer()
+        bound.actor_optimizer(loss_pi, flag)
         return loss_pi

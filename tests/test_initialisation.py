@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch as th
-from conftest import VectorBoxEnv
+from envs import VectorBoxEnv
 from scipy import stats
 from torch import nn
 

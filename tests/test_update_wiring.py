@@ -21,7 +21,7 @@ import gymnasium as gym
 import pytest
 import stable_baselines3 as sb3
 import torch as th
-from conftest import VectorBoxEnv
+from envs import VectorBoxEnv
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples

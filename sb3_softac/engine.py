@@ -31,6 +31,7 @@ from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as torch_optimizer
 
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN, _squashed_log_prob
@@ -124,6 +125,27 @@ def unsupported_reason(model: SAC) -> str | None:
     dtypes = {p.dtype for p in [*parameters, *target.parameters()]}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
         return "the parameters do not share one floating-point dtype"
+    return _hooks_reason(model)
+
+
+def _hooks_reason(model: SAC) -> str | None:
+    """Why hooks that the engine would bypass (it runs no module and no autograd) forbid it, or None."""
+    if (
+        module_hooks._global_forward_pre_hooks
+        or module_hooks._global_forward_hooks
+        or module_hooks._global_backward_pre_hooks
+        or module_hooks._global_backward_hooks
+    ):
+        return "global module hooks are registered"
+    for module in model.policy.modules():
+        if module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks:
+            return f"a {type(module).__name__} module has hooks"
+    parameters: list[th.Tensor] = list(model.policy.parameters())
+    if model.log_ent_coef is not None:
+        parameters.append(model.log_ent_coef)
+    for parameter in parameters:
+        if parameter._backward_hooks or getattr(parameter, "_post_accumulate_grad_hooks", None):
+            return "a parameter has gradient hooks"
     return None
 
 
@@ -393,7 +415,7 @@ class UpdateEngine:
         """Bind to the model's current networks and optimizers before a ``train`` call.
 
         :param model: the model to update
-        :return: None when bound, or why the model (changed since the last call) is no longer covered
+        :return: None when bound, or why the engine does not cover the model (as it is now)
         """
         identity = tuple(
             id(x)
@@ -413,10 +435,16 @@ class UpdateEngine:
         if self._bound is None or identity != self._identity or not self._bound.grads_in_place():
             reason = unsupported_reason(model)
             if reason is not None:
+                self._bound = None
                 return reason
             self._bound = _Bound.from_model(model)
             self._identity = identity
             self._buffers = None
+        else:
+            # The full check only when something was replaced; hooks can come and go on the same modules.
+            reason = _hooks_reason(model)
+            if reason is not None:
+                return reason
         # The optimizers' state tensors may have been replaced (load_state_dict) since the last call.
         for step in (self._bound.actor_optimizer, self._bound.critic_optimizer, self._bound.ent_coef_optimizer):
             if step is not None:

@@ -343,6 +343,21 @@ class SAC(OffPolicyAlgorithm):
         if self.verbose >= 1:
             print(f"SAC update path: {self.update_path}" + ("" if reason is None else f" ({reason})"))
 
+    def _refresh_update_path(self) -> None:
+        """Before each ``train`` call: bind the engine to the model as it is now, or fall back to autograd.
+
+        A model changed since it was built (an optimizer replaced, a hook registered) may leave the engine's
+        coverage, and come back into it; each change of path is reported.
+        """
+        reason = self._engine.begin(self)
+        path = "engine" if reason is None else "autograd"
+        if path != self.update_path:
+            if reason is not None:
+                warnings.warn(f"SAC update path: autograd from now on ({reason}).", stacklevel=3)
+            elif self.verbose >= 1:
+                print("SAC update path: engine from now on")
+        self.update_path = path
+
     def _create_aliases(self) -> None:
         self.actor = self.policy.actor
         self.critic = self.policy.critic
@@ -380,19 +395,21 @@ class SAC(OffPolicyAlgorithm):
         critic_stats: list[th.Tensor] = []
         actor_stats: list[th.Tensor] = []
         actor_steps: list[int] = []
+        if self.update_engine == "auto":
+            self._refresh_update_path()
         if self.update_path == "engine":
             self._engine_steps(gradient_steps, batch_size, critic_stats, actor_stats, actor_steps)
-        # (_engine_steps falls back to autograd, before any update, for a model changed since it was built.)
-        for step in range(gradient_steps if self.update_path == "autograd" else 0):
-            replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
-            n_update = self._n_updates + step
-            critic_row, actor_row = self._gradient_step(replay_data, update_actor=n_update % self.policy_delay == 0)
-            critic_stats.append(critic_row)
-            if actor_row is not None:
-                actor_stats.append(actor_row)
-                actor_steps.append(step)
-            if n_update % self.target_update_interval == 0:
-                self._update_target_critics()
+        else:
+            for step in range(gradient_steps):
+                replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+                n_update = self._n_updates + step
+                critic_row, actor_row = self._gradient_step(replay_data, update_actor=n_update % self.policy_delay == 0)
+                critic_stats.append(critic_row)
+                if actor_row is not None:
+                    actor_stats.append(actor_row)
+                    actor_steps.append(step)
+                if n_update % self.target_update_interval == 0:
+                    self._update_target_critics()
 
         # The one host sync of the call.
         parts = [th.stack(rows).flatten() for rows in (critic_stats, actor_stats) if rows]
@@ -418,11 +435,6 @@ class SAC(OffPolicyAlgorithm):
         All the call's minibatches are drawn at once, as SBX does (with one environment the replay buffer then
         draws the same indices as ``gradient_steps`` separate draws).
         """
-        reason = self._engine.begin(self)
-        if reason is not None:
-            warnings.warn(f"The model changed since it was built ({reason}): updating with autograd.", stacklevel=3)
-            self.update_path = "autograd"
-            return
         samples = self.replay_buffer.sample(batch_size * gradient_steps, env=self._vec_normalize_env)  # type: ignore[union-attr]
         for step in range(gradient_steps):
             n_update = self._n_updates + step

@@ -384,3 +384,17 @@ def test_save_load_keeps_the_switch_and_old_saves_default_to_auto(tmp_path) -> N
     assert loaded.update_engine == "auto" and loaded.update_path == "engine"
     loaded.learn(150)
     assert loaded._n_updates > 0
+
+
+def test_hooks_send_the_update_to_autograd_until_removed(capsys: pytest.CaptureFixture[str]) -> None:
+    """The engine runs no module and no autograd: while a hook is registered, autograd updates the model."""
+    model = SAC("MlpPolicy", BoxEnv(), learning_starts=0, batch_size=8, seed=0, verbose=1)
+    calls = []
+    handle = model.critic.q_networks.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.warns(UserWarning, match="autograd from now on \\(a EnsembleMLP module has hooks\\)"):
+        model.learn(5)
+    assert model.update_path == "autograd" and len(calls) > 0
+    handle.remove()
+    model.learn(5, reset_num_timesteps=False)
+    assert model.update_path == "engine"
+    assert "SAC update path: engine from now on" in capsys.readouterr().out

@@ -77,10 +77,12 @@ def _poison_sample(model: SAC, bad_call: int) -> None:
 
     def sample(batch_size: int, env: Any = None) -> ReplayBufferSamples:
         data = original(batch_size, env)
-        calls[0] += 1
-        if calls[0] == bad_call:
+        # The update engine draws all the minibatches of a train() call at once: count minibatches, not calls.
+        first = calls[0]
+        calls[0] += batch_size // model.batch_size
+        if first < bad_call <= calls[0]:
             rewards = data.rewards.clone()
-            rewards[0] = float("nan")
+            rewards[(bad_call - first - 1) * model.batch_size] = float("nan")
             data = data._replace(rewards=rewards)
         return data
 

@@ -40,6 +40,7 @@ from sb3_softac.losses import (
     actor_loss,
     critic_loss,
     min_over_critics,
+    reduce_critics,
     soft_q_target,
     soft_state_value,
 )
@@ -636,11 +637,11 @@ class UpdateEngine:
         self._critic_forward(bound.critic, bound.activation, buf.actor_critic_in, buf.critic_hidden, buf, buf.q)
         # d loss / d Q_i(s_b, a_b) is -1/batch on the critic the reduction picks (min: the argmin, as autograd's
         # min backward routes it) or -1/(batch n) on each of them (mean).
+        q_pi = reduce_critics(buf.q, reduction)
         if reduction == "min":
-            q_pi, chosen = th.min(buf.q, dim=0)
-            buf.q_grad.zero_().scatter_(0, chosen.unsqueeze(0), -1.0 / batch_size)
+            # argmin picks the first of equal minima, as the indices of min(dim) that autograd routes through.
+            buf.q_grad.zero_().scatter_(0, th.argmin(buf.q, dim=0, keepdim=True), -1.0 / batch_size)
         else:
-            q_pi = buf.q.mean(dim=0)
             buf.q_grad.fill_(-1.0 / (batch_size * buf.q.shape[0]))
         loss_pi = actor_loss(q_pi, log_prob, ent_coef)
         action_grad = self._critic_backward(bound, buf, buf.actor_critic_in, weights=False)

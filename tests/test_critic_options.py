@@ -19,6 +19,7 @@ from stable_baselines3.common.logger import Logger
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import sb3_softac.engine
 import sb3_softac.sac
 from sb3_softac import SAC
 from sb3_softac.networks import EnsembleLayerNorm, EnsembleLinear
@@ -52,7 +53,7 @@ def _set_constant_outputs(q_networks: nn.Module) -> None:
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict, Any]]:
-    """Record every call of ``sb3_softac.sac.<name>`` (arguments and result) while still running it."""
+    """Record every call of ``sb3_softac.sac.<name>`` (and the engine's) with arguments and result, still running it."""
     calls: list[tuple[tuple, dict, Any]] = []
     original: Callable = getattr(sb3_softac.sac, name)
 
@@ -62,6 +63,8 @@ def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict, 
         return result
 
     monkeypatch.setattr(sb3_softac.sac, name, spy)
+    if hasattr(sb3_softac.engine, name):  # the update engine computes its forward values with the same functions
+        monkeypatch.setattr(sb3_softac.engine, name, spy)
     return calls
 
 

@@ -185,6 +185,21 @@ def test_several_updates_in_one_call_match_autograd(monkeypatch: pytest.MonkeyPa
         assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
 
 
+def test_n_step_discounts_match_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With n-step returns the replay buffer gives each transition its own discount gamma^k."""
+    engine, reference = _pair(monkeypatch, 2)
+    pool = _batches(2, 3 * BATCH)
+    generator = th.Generator().manual_seed(2)
+    pool = pool._replace(discounts=0.99 ** th.randint(1, 4, (3 * BATCH, 1), generator=generator).double())
+    logged, expected = _train(engine, pool, 3), _train(reference, pool, 3)
+    _assert_same_update(engine, reference)
+    assert logged["train/critic_loss"] == pytest.approx(expected["train/critic_loss"], rel=1e-6)
+    # The discounts matter: the same minibatches with gamma everywhere give another update.
+    plain, _ = _pair(monkeypatch, 2)
+    _train(plain, pool._replace(discounts=None), 3)
+    assert not th.allclose(plain.critic.q_networks[0].weight, engine.critic.q_networks[0].weight, rtol=0, atol=1e-9)
+
+
 def test_log_std_clamp_stops_the_gradient_outside_its_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Log stds beyond, inside and exactly on [LOG_STD_MIN, LOG_STD_MAX]: the clamp's gradient must match autograd's.
 

@@ -29,13 +29,12 @@ from sb3_softac.losses import (
     temperature_loss,
 )
 from sb3_softac.policies import (
-    Actor,
-    CategoricalActor,
     CnnPolicy,
     Critic,
     MlpPolicy,
     MultiInputPolicy,
     PolicySample,
+    SACActor,
     SACPolicy,
 )
 
@@ -169,7 +168,7 @@ class SAC(OffPolicyAlgorithm):
         "MultiInputPolicy": MultiInputPolicy,
     }
     policy: SACPolicy
-    actor: Actor | CategoricalActor
+    actor: SACActor
     critic: Critic
     critic_target: Critic
 

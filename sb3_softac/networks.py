@@ -130,8 +130,8 @@ class EnsembleMLP(nn.Module):
         :param x: shape ``(batch, in)``, shared by all members, or ``(n, batch, in)``, one input per member
         :return: shape ``(n, batch, out)``
         """
-        for layer in self.layers:
-            x = layer(x)
+        for layer in self._modules.values():
+            x = layer(x)  # type: ignore[misc]
         return x
 
     def __len__(self) -> int:

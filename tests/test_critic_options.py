@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
-from conftest import VectorBoxEnv
+from envs import VectorBoxEnv, make_sac
 from gymnasium import spaces
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,15 +29,7 @@ def _model(learning_starts: int = 64, net_arch: list[int] | None = None, **kwarg
     has been made yet), with a silent logger."""
     policy_kwargs = dict(net_arch=net_arch or [32, 32])
     policy_kwargs.update(kwargs.pop("policy_kwargs", {}))
-    model = SAC(
-        "MlpPolicy",
-        VectorBoxEnv(),
-        learning_starts=learning_starts,
-        batch_size=32,
-        policy_kwargs=policy_kwargs,
-        seed=0,
-        **kwargs,
-    )
+    model = make_sac(learning_starts=learning_starts, batch_size=32, policy_kwargs=policy_kwargs, **kwargs)
     model.learn(learning_starts)
     assert model._n_updates == 0 and model.replay_buffer.size() == learning_starts
     model.set_logger(Logger(None, []))
@@ -260,43 +251,6 @@ def test_qf_learning_rate_sets_the_critic_optimizer_only() -> None:
     plain.train(1, 32)
     assert plain.critic.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
     assert "train/qf_learning_rate" not in plain.logger.name_to_value
-
-
-def test_qf_learning_rate_schedule() -> None:
-    model = _model(learning_rate=lambda progress: 3e-4 * progress, qf_learning_rate=lambda progress: 1e-3 * progress)
-    assert model.critic.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # progress 1 at creation
-    model._current_progress_remaining = 0.25
-    model.train(1, 32)
-    assert model.critic.optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-4)
-    assert model.actor.optimizer.param_groups[0]["lr"] == pytest.approx(7.5e-5)
-    assert model.logger.name_to_value["train/qf_learning_rate"] == pytest.approx(2.5e-4)
-    assert model.logger.name_to_value["train/learning_rate"] == pytest.approx(7.5e-5)
-    # During learn() the critics' rate follows the schedule down to 0 (the last update is at progress 0).
-    model = SAC(
-        "MlpPolicy",
-        VectorBoxEnv(),
-        learning_starts=50,
-        batch_size=16,
-        policy_kwargs=dict(net_arch=[8]),
-        qf_learning_rate=lambda progress: 1e-3 * progress,
-        seed=0,
-    )
-    critic_rates: list[float] = []
-    model.learn(100, callback=_RecordCriticRate(critic_rates))
-    rates = np.array(critic_rates[51:])  # from the step after the first update on
-    assert rates[0] == pytest.approx(5e-4, rel=0.05) and np.all(np.diff(rates) < 0)
-    assert model.critic.optimizer.param_groups[0]["lr"] == 0.0
-    assert model.actor.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)  # learning_rate stays constant
-
-
-class _RecordCriticRate(BaseCallback):
-    def __init__(self, rates: list[float]) -> None:
-        super().__init__()
-        self.rates = rates
-
-    def _on_step(self) -> bool:
-        self.rates.append(self.model.critic.optimizer.param_groups[0]["lr"])
-        return True
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -157,7 +157,8 @@ def zoo_hyperparams(env_id: str, file_name: str = "softac.yml") -> dict[str, Any
     for name, value in list(settings.items()):
         if name.endswith("_kwargs") and isinstance(value, str):
             settings[name] = _parse_dict_expression(value, f"{where}, {name}")
-        elif isinstance(value, str) and name != "ent_coef":  # ent_coef strings ("auto", "auto_0.1") are SAC's own
+        # Other strings are SAC's own values ("auto" for ent_coef, "mean" for actor_q_reduction...), which SAC checks.
+        elif isinstance(value, str) and (value.startswith("lin_") or name.endswith("_class")):
             raise ValueError(
                 f"{where}: {name}={value!r} is interpreted by the RL Zoo (a schedule or a class path), not by SAC; "
                 "run this environment through `sb3-softac-zoo train` instead."

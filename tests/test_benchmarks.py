@@ -44,6 +44,7 @@ def test_zoo_hyperparams_are_the_packaged_entries() -> None:
     assert common.zoo_hyperparams("NotListed-v0") == {}  # the file's default entry: SAC's defaults
     redq = common.zoo_hyperparams("Hopper-v5", "softac_redq.yml")
     assert redq["critic_subset_size"] == 2 and redq["policy_kwargs"]["n_critics"] == 10
+    assert redq["actor_q_reduction"] == "mean"
     with pytest.raises(KeyError, match="no entry for Pendulum-v1"):
         common.zoo_hyperparams("Pendulum-v1", "softac_redq.yml")
 
@@ -56,6 +57,24 @@ def test_zoo_only_settings_are_refused(env_id: str, named: str) -> None:
     with pytest.raises(ValueError, match=f"entry {env_id}: {named}") as info:
         common.zoo_hyperparams(env_id)
     assert "sb3-softac-zoo train" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("replay_buffer_class: HerReplayBuffer", "replay_buffer_class='HerReplayBuffer' is interpreted by the RL Zoo"),
+        ("learning_rate: lin_1e-3", "learning_rate='lin_1e-3' is interpreted by the RL Zoo"),
+        ('policy_kwargs: "dict(activation_fn=nn.ReLU)"', "holds a value that is not a literal"),
+        ('policy_kwargs: "[1, 2]"', "expected a 'dict\\(key=literal, ...\\)' expression"),
+    ],
+)
+def test_zoo_values_sac_cannot_take_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, named: str
+) -> None:
+    (tmp_path / "softac.yml").write_text(f"Some-v0:\n  policy: 'MlpPolicy'\n  {setting}\n", encoding="utf-8")
+    monkeypatch.setattr(zoo, "default_hyperparams_path", lambda: tmp_path / "softac.yml")
+    with pytest.raises(ValueError, match=named):
+        common.zoo_hyperparams("Some-v0")
 
 
 class _ConstantPolicy:
@@ -234,6 +253,7 @@ def test_settings_configure_what_they_claim() -> None:
     assert droq["policy_kwargs"]["net_arch"] == list(budget.net_arch)
     redq = sample_efficiency.setting_kwargs("REDQ", budget, 5)
     assert redq["policy_kwargs"]["n_critics"] == 10 and redq["critic_subset_size"] == 2
+    assert redq["actor_q_reduction"] == "mean"
     assert redq["gradient_steps"] == redq["policy_delay"] == 5
     # On Pendulum every setting takes the zoo's learning rate for it (1e-3).
     pendulum = sample_efficiency.BUDGETS["Pendulum-v1"]

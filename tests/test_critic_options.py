@@ -74,7 +74,7 @@ def test_dropout_is_active_in_training_mode_only() -> None:
     model = _model(policy_kwargs=dict(dropout_rate=0.1))
     obs, actions = _batch(model)
     critic = model.critic
-    assert sum(isinstance(m, nn.Dropout) for m in critic.q_networks) == 2  # one per hidden layer
+    assert sum(isinstance(m, nn.Dropout) for m in critic.q_networks.layers) == 2  # one per hidden layer
     with th.no_grad():
         critic.set_training_mode(True)
         train_1, train_2 = critic.q_values(obs, actions), critic.q_values(obs, actions)
@@ -108,11 +108,11 @@ def test_target_critic_keeps_dropout_active() -> None:
 
 def test_layer_norm_normalises_hidden_activations() -> None:
     model = _model(net_arch=[32, 24], policy_kwargs=dict(layer_norm=True))
-    norms = [m for m in model.critic.q_networks if isinstance(m, EnsembleLayerNorm)]
+    norms = [m for m in model.critic.q_networks.layers if isinstance(m, EnsembleLayerNorm)]
     assert len(norms) == 2
     assert not any(isinstance(m, EnsembleLayerNorm) for m in model.actor.modules())  # critics only
     # Order in each hidden layer: linear -> layer norm -> activation (DroQ, without dropout here).
-    kinds = [type(m).__name__ for m in model.critic.q_networks]
+    kinds = [type(m).__name__ for m in model.critic.q_networks.layers]
     assert kinds == ["EnsembleLinear", "EnsembleLayerNorm", "ReLU"] * 2 + ["EnsembleLinear"]
     outputs: list[th.Tensor] = []
     handles = [norm.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach())) for norm in norms]
@@ -148,7 +148,13 @@ def test_layer_norm_normalises_hidden_activations() -> None:
 def test_redq_target_takes_min_over_random_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Critic i (online and target) outputs the constant i; critics do not learn (qf_learning_rate=0), so every
     target's minimum is the smallest index of the pair drawn at that step: P(min = k) = (9 - k) / 45."""
-    model = _model(net_arch=[8], policy_kwargs=dict(n_critics=10), critic_subset_size=2, qf_learning_rate=0.0)
+    model = _model(
+        net_arch=[8],
+        policy_kwargs=dict(n_critics=10),
+        critic_subset_size=2,
+        actor_q_reduction="mean",
+        qf_learning_rate=0.0,
+    )
     _set_constant_outputs(model.critic.q_networks)
     _set_constant_outputs(model.critic_target.q_networks)
     minima = _spy(monkeypatch, "min_over_critics")
@@ -188,12 +194,16 @@ def test_default_target_and_actor_take_min_over_all_critics(monkeypatch: pytest.
     _set_constant_outputs(model.critic.q_networks)
     _set_constant_outputs(model.critic_target.q_networks)
     minima = _spy(monkeypatch, "min_over_critics")
+    actor_reductions = _spy(monkeypatch, "reduce_critics")
     model.train(5, 32)
-    # Target (subset None) then actor, at each step; both the minimum over the 3 critics, i.e. 0.
-    assert len(minima) == 10
+    # Target (subset None) and actor at each step; both the minimum over the 3 critics, i.e. 0.
+    assert len(minima) == 5 and len(actor_reductions) == 5
     for args, kwargs, result in minima:
         assert args[1:] in ((), (None,)) and kwargs.get("subset_size") is None
         assert args[0].shape[0] == 3
+        th.testing.assert_close(result, th.zeros(32, 1))
+    for args, _, result in actor_reductions:
+        assert args[1:] == ("min",) and args[0].shape[0] == 3
         th.testing.assert_close(result, th.zeros(32, 1))
 
 
@@ -295,7 +305,7 @@ def _work_of_one_update(n_critics: int, **kwargs: Any) -> tuple[Counter[str], Co
     [
         (2, 10, {}),
         (2, 10, dict(policy_kwargs=dict(dropout_rate=0.01, layer_norm=True))),
-        (3, 10, dict(critic_subset_size=2)),
+        (3, 10, dict(critic_subset_size=2, actor_q_reduction="mean")),
     ],
     ids=["plain", "droq", "redq"],
 )
@@ -321,11 +331,14 @@ def test_defaults_build_plain_sac(action_space: str) -> None:
         env.action_space = spaces.Discrete(4)
     model = SAC("MlpPolicy", env, seed=0)
     assert model.critic_subset_size is None and model.policy_delay == 1 and model.qf_learning_rate is None
+    assert model.actor_q_reduction == "min"
     assert model.policy.dropout_rate == 0.0 and model.policy.layer_norm is False and model.policy.n_critics == 2
     for network in (model.critic, model.critic_target, model.actor):
         kinds = {type(m) for m in network.modules()}
         assert not kinds & {nn.Dropout, EnsembleLayerNorm, nn.LayerNorm, nn.BatchNorm1d}
-    assert [type(m).__name__ for m in model.critic.q_networks] == ["EnsembleLinear", "ReLU"] * 2 + ["EnsembleLinear"]
+    assert [type(m).__name__ for m in model.critic.q_networks.layers] == ["EnsembleLinear", "ReLU"] * 2 + [
+        "EnsembleLinear"
+    ]
     # The critics' optimizer uses learning_rate.
     assert model.critic.optimizer.param_groups[0]["lr"] == model.actor.optimizer.param_groups[0]["lr"] == 3e-4
 
@@ -347,8 +360,8 @@ def test_zoo_configuration_files_build_what_they_name(variant: str) -> None:
     assert model.gradient_steps == model.policy_delay == 20  # UTD 20, actor once per environment step
     kinds = {type(m) for m in model.critic.q_networks.modules()}
     if variant == "droq":
-        assert model.critic.n_critics == 2 and model.critic_subset_size is None
+        assert model.critic.n_critics == 2 and model.critic_subset_size is None and model.actor_q_reduction == "min"
         assert {nn.Dropout, EnsembleLayerNorm} <= kinds
     else:
-        assert model.critic.n_critics == 10 and model.critic_subset_size == 2
+        assert model.critic.n_critics == 10 and model.critic_subset_size == 2 and model.actor_q_reduction == "mean"
         assert not {nn.Dropout, EnsembleLayerNorm} & kinds

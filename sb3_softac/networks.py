@@ -160,11 +160,6 @@ class EnsembleMLP(nn.Module):
         return (EnsembleMember(self, index) for index in range(self.n_members))
 
 
-def _member_tensor(stacked: th.Tensor, index: int) -> th.Tensor:
-    """Member ``index``'s slice of a stacked parameter (a view: in-place edits reach the ensemble)."""
-    return stacked[index]
-
-
 def _to_separate_layout(layer: nn.Module, name: str, member: th.Tensor) -> th.Tensor:
     """A member's tensor in the layout of a separate ``nn.Linear`` / ``nn.LayerNorm``: ``(out, in)`` or ``(out,)``."""
     if isinstance(layer, EnsembleLinear) and name == "weight":
@@ -212,14 +207,19 @@ class EnsembleMember(nn.Module):
         if not recurse:
             return  # as for a separate network, whose parameters all live in its layers
         for name, stacked in self.ensemble.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
-            # Views, not leaves: an optimizer refuses them (it could not step one member of a stacked tensor).
-            yield name, _member_tensor(stacked, self.index)  # type: ignore[misc]
+            # Slices are views (in-place edits reach the ensemble) and not leaves: an optimizer refuses them,
+            # since it could not step one member of a stacked tensor.
+            yield name, stacked[self.index]  # type: ignore[misc]
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+    def _separate_layout_tensors(self, prefix: str) -> Iterator[tuple[str, th.Tensor]]:
+        """State-dict keys and tensors of this member as a separate network holds them (views of the storage)."""
         for layer_name, layer in self.ensemble.named_children():
             for name, stacked in layer.named_parameters(recurse=False):
-                member = _to_separate_layout(layer, name, _member_tensor(stacked, self.index))
-                destination[f"{prefix}{layer_name}.{name}"] = member if keep_vars else member.detach()
+                yield f"{prefix}{layer_name}.{name}", _to_separate_layout(layer, name, stacked[self.index])
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        for key, member in self._separate_layout_tensors(prefix):
+            destination[key] = member if keep_vars else member.detach()
 
     def _load_from_state_dict(
         self,
@@ -232,23 +232,18 @@ class EnsembleMember(nn.Module):
         error_msgs: list[str],
     ) -> None:
         expected = set()
-        for layer_name, layer in self.ensemble.named_children():
-            for name, stacked in layer.named_parameters(recurse=False):
-                key = f"{prefix}{layer_name}.{name}"
-                expected.add(key)
-                if key not in state_dict:
-                    missing_keys.append(key)
-                    continue
-                target = _to_separate_layout(layer, name, _member_tensor(stacked.detach(), self.index))
-                value = state_dict[key]
-                if value.shape != target.shape:
-                    error_msgs.append(
-                        f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, the shape in "
-                        f"member {self.index} is {tuple(target.shape)}."
-                    )
-                    continue
+        for key, member in self._separate_layout_tensors(prefix):
+            expected.add(key)
+            if key not in state_dict:
+                missing_keys.append(key)
+            elif state_dict[key].shape != member.shape:
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(state_dict[key].shape)}, the shape "
+                    f"in member {self.index} is {tuple(member.shape)}."
+                )
+            else:
                 with th.no_grad():
-                    target.copy_(value)
+                    member.copy_(state_dict[key])
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in expected)
 

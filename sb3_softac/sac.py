@@ -90,16 +90,19 @@ def _parse_ent_coef(ent_coef: str | float) -> tuple[bool, float]:
     return False, value
 
 
-def _parse_target_entropy(target_entropy: str | float, action_space: spaces.Space) -> float:
+def _parse_target_entropy(target_entropy: str | float, policy: SACPolicy) -> float:
     """Read ``target_entropy``, a number or ``"auto"``.
 
     ``"auto"`` is ``-dim(A)`` for continuous actions (SAC paper, section 5) and
     ``DISCRETE_TARGET_ENTROPY_SCALE * log|A|`` for discrete ones.
+
+    :param target_entropy: the constructor's argument
+    :param policy: the policy, which knows whether its actions are discrete
     """
     if isinstance(target_entropy, str) and target_entropy == "auto":
-        if isinstance(action_space, spaces.Discrete):
-            return DISCRETE_TARGET_ENTROPY_SCALE * float(np.log(action_space.n))
-        return -float(np.prod(action_space.shape or ()))
+        # The flat size of a Discrete space is its number of actions |A|, that of a Box its dimension.
+        size = spaces.flatdim(policy.action_space)
+        return DISCRETE_TARGET_ENTROPY_SCALE * float(np.log(size)) if policy.discrete_actions else -float(size)
     if not isinstance(target_entropy, bool):
         with contextlib.suppress(TypeError, ValueError):
             value = float(target_entropy)
@@ -302,9 +305,9 @@ class SAC(OffPolicyAlgorithm):
     def _setup_model(self) -> None:
         # Read before the replay buffer and the networks are allocated, so that a bad value fails fast.
         learned, value = _parse_ent_coef(self.ent_coef)
-        self.target_entropy = _parse_target_entropy(self.target_entropy, self.action_space)
         super()._setup_model()
         self._create_aliases()
+        self.target_entropy = _parse_target_entropy(self.target_entropy, self.policy)
         n_critics = self.critic.n_critics
         if self.critic_subset_size is not None and self.critic_subset_size > n_critics:
             raise ValueError(

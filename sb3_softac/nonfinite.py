@@ -53,8 +53,12 @@ def skips_on_flag(optimizer: th.optim.Optimizer) -> bool:
     PyTorch's fused optimizers (``Adam``, ``AdamW``, ``SGD``, ``Adagrad`` with ``fused=True``) declare it with
     ``_step_supports_amp_scaling``, the attribute ``torch.amp.GradScaler`` relies on: the kernel reads
     ``found_inf`` on the device, does nothing when it is 1, and takes back its increment of the step count.
+    The attribute is set at construction, but the step follows each parameter group's ``fused`` option, which
+    ``load_state_dict`` may have turned off (a state saved by a non-fused optimizer): every group must be fused.
     """
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
 
 
 def guarded_step(optimizer: th.optim.Optimizer, flag: th.Tensor) -> None:

@@ -34,13 +34,12 @@ from sb3_softac.losses import (
 )
 from sb3_softac.nonfinite import flag_nonfinite, guarded_copy_, guarded_lerp_, guarded_step, new_flag
 from sb3_softac.policies import (
-    Actor,
-    CategoricalActor,
     CnnPolicy,
     Critic,
     MlpPolicy,
     MultiInputPolicy,
     PolicySample,
+    SACActor,
     SACPolicy,
 )
 
@@ -92,16 +91,19 @@ def _parse_ent_coef(ent_coef: str | float) -> tuple[bool, float]:
     return False, value
 
 
-def _parse_target_entropy(target_entropy: str | float, action_space: spaces.Space) -> float:
+def _parse_target_entropy(target_entropy: str | float, policy: SACPolicy) -> float:
     """Read ``target_entropy``, a number or ``"auto"``.
 
     ``"auto"`` is ``-dim(A)`` for continuous actions (SAC paper, section 5) and
     ``DISCRETE_TARGET_ENTROPY_SCALE * log|A|`` for discrete ones.
+
+    :param target_entropy: the constructor's argument
+    :param policy: the policy, which knows whether its actions are discrete
     """
     if isinstance(target_entropy, str) and target_entropy == "auto":
-        if isinstance(action_space, spaces.Discrete):
-            return DISCRETE_TARGET_ENTROPY_SCALE * float(np.log(action_space.n))
-        return -float(np.prod(action_space.shape or ()))
+        # The flat size of a Discrete space is its number of actions |A|, that of a Box its dimension.
+        size = spaces.flatdim(policy.action_space)
+        return DISCRETE_TARGET_ENTROPY_SCALE * float(np.log(size)) if policy.discrete_actions else -float(size)
     if not isinstance(target_entropy, bool):
         with contextlib.suppress(TypeError, ValueError):
             value = float(target_entropy)
@@ -175,7 +177,7 @@ class SAC(OffPolicyAlgorithm):
         "MultiInputPolicy": MultiInputPolicy,
     }
     policy: SACPolicy
-    actor: Actor | CategoricalActor
+    actor: SACActor
     critic: Critic
     critic_target: Critic
     #: The non-finite flag of the running ``train()`` call, a float32 scalar on the device (see
@@ -313,9 +315,9 @@ class SAC(OffPolicyAlgorithm):
     def _setup_model(self) -> None:
         # Read before the replay buffer and the networks are allocated, so that a bad value fails fast.
         learned, value = _parse_ent_coef(self.ent_coef)
-        self.target_entropy = _parse_target_entropy(self.target_entropy, self.action_space)
         super()._setup_model()
         self._create_aliases()
+        self.target_entropy = _parse_target_entropy(self.target_entropy, self.policy)
         n_critics = self.critic.n_critics
         if self.critic_subset_size is not None and self.critic_subset_size > n_critics:
             raise ValueError(

@@ -77,7 +77,7 @@ def test_dropout_is_active_in_training_mode_only() -> None:
     model = _model(policy_kwargs=dict(dropout_rate=0.1))
     obs, actions = _batch(model)
     critic = model.critic
-    assert sum(isinstance(m, nn.Dropout) for m in critic.q_networks) == 2  # one per hidden layer
+    assert sum(isinstance(m, nn.Dropout) for m in critic.q_networks.layers) == 2  # one per hidden layer
     with th.no_grad():
         critic.set_training_mode(True)
         train_1, train_2 = critic.q_values(obs, actions), critic.q_values(obs, actions)
@@ -111,11 +111,11 @@ def test_target_critic_keeps_dropout_active() -> None:
 
 def test_layer_norm_normalises_hidden_activations() -> None:
     model = _model(net_arch=[32, 24], policy_kwargs=dict(layer_norm=True))
-    norms = [m for m in model.critic.q_networks if isinstance(m, EnsembleLayerNorm)]
+    norms = [m for m in model.critic.q_networks.layers if isinstance(m, EnsembleLayerNorm)]
     assert len(norms) == 2
     assert not any(isinstance(m, EnsembleLayerNorm) for m in model.actor.modules())  # critics only
     # Order in each hidden layer: linear -> layer norm -> activation (DroQ, without dropout here).
-    kinds = [type(m).__name__ for m in model.critic.q_networks]
+    kinds = [type(m).__name__ for m in model.critic.q_networks.layers]
     assert kinds == ["EnsembleLinear", "EnsembleLayerNorm", "ReLU"] * 2 + ["EnsembleLinear"]
     outputs: list[th.Tensor] = []
     handles = [norm.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach())) for norm in norms]
@@ -339,7 +339,9 @@ def test_defaults_build_plain_sac(action_space: str) -> None:
     for network in (model.critic, model.critic_target, model.actor):
         kinds = {type(m) for m in network.modules()}
         assert not kinds & {nn.Dropout, EnsembleLayerNorm, nn.LayerNorm, nn.BatchNorm1d}
-    assert [type(m).__name__ for m in model.critic.q_networks] == ["EnsembleLinear", "ReLU"] * 2 + ["EnsembleLinear"]
+    assert [type(m).__name__ for m in model.critic.q_networks.layers] == ["EnsembleLinear", "ReLU"] * 2 + [
+        "EnsembleLinear"
+    ]
     # The critics' optimizer uses learning_rate.
     assert model.critic.optimizer.param_groups[0]["lr"] == model.actor.optimizer.param_groups[0]["lr"] == 3e-4
 

@@ -239,6 +239,20 @@ def test_guarded_step_matches_plain_steps_and_skips_when_flagged(
         th.testing.assert_close(guarded_optimizer.state[guarded][key], value, rtol=0, atol=0)
 
 
+def test_a_fused_optimizer_that_loaded_a_non_fused_state_is_restored_instead() -> None:
+    """``load_state_dict`` from a non-fused optimizer (an SB3 archive's) turns the groups' ``fused`` off: the step then
+    cannot take ``found_inf`` and the restoring path must be used."""
+    param = _param_and_grad([1.0, 1.0, 1.0])
+    optimizer = th.optim.Adam([param], fused=True)
+    optimizer.load_state_dict(th.optim.Adam([_param_and_grad([1.0, 1.0, 1.0])]).state_dict())
+    assert not skips_on_flag(optimizer)
+    param.grad = th.tensor([float("nan"), 0.0, 0.0])
+    flag = new_flag("cpu")
+    flag_nonfinite(flag, [], optimizer)
+    guarded_step(optimizer, flag)
+    assert th.equal(param.detach(), th.tensor([0.5, -1.0, 2.0]))
+
+
 def test_a_non_finite_loss_alone_sets_the_flag_and_it_stays_set() -> None:
     optimizer = th.optim.Adam([_param_and_grad([1.0, 1.0, 1.0])], fused=True)
     flag = new_flag("cpu")

@@ -22,6 +22,7 @@ built or tested.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -60,7 +61,9 @@ _ACTIVATIONS: dict[type[nn.Module], _Activation] = {nn.ReLU: "relu", nn.Tanh: "t
 _OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 
 
-def _mlp_layers(modules: nn.Sequential, linear: type[nn.Module], activation: type[nn.Module]) -> list[nn.Module] | None:
+def _mlp_layers(
+    modules: Sequence[nn.Module], linear: type[nn.Module], activation: type[nn.Module]
+) -> list[nn.Module] | None:
     """The linear layers of ``linear -> activation -> linear -> ...``, or None for any other structure."""
     layers = list(modules)
     linears = layers[0::2]
@@ -103,10 +106,10 @@ def unsupported_reason(model: SAC) -> str | None:
             return f"the features extractor {type(network.features_extractor).__name__} is not FlattenExtractor"
     if type(actor.mu) is not nn.Linear or type(actor.log_std) is not nn.Linear:
         return "the actor's heads are not linear layers"
-    if _mlp_layers(actor.latent_pi, nn.Linear, activation) is None:
+    if _mlp_layers(list(actor.latent_pi), nn.Linear, activation) is None:
         return "the actor's hidden layers are not linear layers and activations"
     for network in (critic, target):
-        if _mlp_layers(network.q_networks, EnsembleLinear, activation) is None:
+        if _mlp_layers(network.q_networks.layers, EnsembleLinear, activation) is None:
             return "the critics are not linear layers and activations"
     if len(model.batch_norm_stats) > 0:
         return "batch normalisation is covered by the autograd update only"
@@ -307,14 +310,17 @@ class _Bound:
     @classmethod
     def from_model(cls, model: SAC) -> _Bound:
         actor, critic, target = model.actor, model.critic, model.critic_target
+        assert isinstance(actor, Actor)
         activation = _ACTIVATIONS[model.policy.activation_fn]
         actor_hidden = [_linear(layer.weight, layer.bias) for layer in actor.latent_pi if isinstance(layer, nn.Linear)]
         assert isinstance(actor.mu, nn.Linear)
         assert isinstance(actor.log_std, nn.Linear)
-        critic_layers = [_linear(m.weight, m.bias) for m in critic.q_networks if isinstance(m, EnsembleLinear)]
+        critic_layers = [_linear(m.weight, m.bias) for m in critic.q_networks.layers if isinstance(m, EnsembleLinear)]
         # The target critics get no gradient: their "grad" fields are never read.
         target_layers = [
-            _Linear(m.weight, m.bias, m.weight, m.bias) for m in target.q_networks if isinstance(m, EnsembleLinear)
+            _Linear(m.weight, m.bias, m.weight, m.bias)
+            for m in target.q_networks.layers
+            if isinstance(m, EnsembleLinear)
         ]
         log_ent_coef = model.log_ent_coef
         bound = cls(

@@ -197,7 +197,9 @@ def test_n_step_discounts_match_autograd(monkeypatch: pytest.MonkeyPatch) -> Non
     # The discounts matter: the same minibatches with gamma everywhere give another update.
     plain, _ = _pair(monkeypatch, 2)
     _train(plain, pool._replace(discounts=None), 3)
-    assert not th.allclose(plain.critic.q_networks[0].weight, engine.critic.q_networks[0].weight, rtol=0, atol=1e-9)
+    assert not th.allclose(
+        plain.critic.q_networks.layers[0].weight, engine.critic.q_networks.layers[0].weight, rtol=0, atol=1e-9
+    )
 
 
 def test_log_std_clamp_stops_the_gradient_outside_its_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,7 +262,7 @@ def test_engine_reads_live_parameters_and_learning_rate(monkeypatch: pytest.Monk
         # A copy each: loading an optimizer state dict keeps its tensors, which two models must not share.
         model.set_parameters(copy.deepcopy(parameters), exact_match=False)
         with th.no_grad():
-            model.critic.q_networks[0].weight[0].mul_(-1.0)
+            model.critic.q_networks.layers[0].weight[0].mul_(-1.0)
         model.lr_schedule = lambda _: 1e-2
     _train(engine, pool, 1)
     _train(reference, pool, 1)

@@ -35,6 +35,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from common import package_version, set_torch_threads
+
 DEFAULT_ENVS: tuple[str, ...] = ("Pendulum-v1", "HalfCheetah-v5")
 REFERENCE_LABEL = "SB3"
 
@@ -79,9 +81,7 @@ def pinned_threads(n_threads: int, cpu: int | None = None) -> Iterator[str]:
 
     old_threads = torch.get_num_threads()
     old_affinity: set[int] | None = None
-    torch.set_num_threads(n_threads)
-    with contextlib.suppress(RuntimeError):  # only allowed before the first inter-op parallel work
-        torch.set_num_interop_threads(n_threads)
+    set_torch_threads(n_threads)
     pin = "not pinned"
     if n_threads == 1 and hasattr(os, "sched_setaffinity"):
         try:
@@ -114,33 +114,19 @@ def configure_jax_threads(n_threads: int) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _version(module_name: str) -> str:
-    """Best-effort version string of an importable module or its distribution."""
-    module = sys.modules.get(module_name)
-    version = getattr(module, "__version__", None)
-    if isinstance(version, str):
-        return version
-    dist = {"stable_baselines3": "stable-baselines3", "sbx": "sbx-rl"}.get(module_name, module_name)
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
-
-def load_contenders(ours_module: str, with_sbx: bool) -> list[Contender]:
+def load_contenders(with_sbx: bool) -> list[Contender]:
     """Import the SAC classes: ours first, SB3 (the reference) second, SBX third when importable."""
     contenders: list[Contender] = []
-    ours_label = "sb3_softac" if ours_module == "sb3_softac" else f"ours[{ours_module}]"
-    for label, module_name in ((ours_label, ours_module), (REFERENCE_LABEL, "stable_baselines3")):
+    for label, module_name in (("sb3_softac", "sb3_softac"), (REFERENCE_LABEL, "stable_baselines3")):
         module = importlib.import_module(module_name)
-        contenders.append(Contender(label, module_name, module.SAC, _version(module_name)))
+        contenders.append(Contender(label, module_name, module.SAC, package_version(module_name)))
     if with_sbx:
         try:
             sbx = importlib.import_module("sbx")
         except Exception:  # sbx/jax may fail in many ways; it is optional
             pass
         else:
-            contenders.append(Contender("SBX", "sbx", sbx.SAC, _version("sbx")))
+            contenders.append(Contender("SBX", "sbx", sbx.SAC, package_version("sbx")))
     return contenders
 
 
@@ -423,8 +409,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-sbx", action="store_true", help="skip SBX even when it is installed")
     parser.add_argument("--json", default=None, help="also write raw timings to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
-    # Development switch: module providing the "ours" SAC (e.g. stable_baselines3 to test the script itself).
-    parser.add_argument("--ours-module", default="sb3_softac", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warmup <= args.learning_starts:
         parser.error("--warmup must exceed --learning-starts so that the timed learn() is all training")
@@ -439,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     envs = list(dict.fromkeys([*(args.envs or DEFAULT_ENVS), *args.extra_envs]))
     configure_jax_threads(args.threads)
     with pinned_threads(args.threads, args.cpu) as thread_info:
-        contenders = load_contenders(args.ours_module, with_sbx=not args.no_sbx)
+        contenders = load_contenders(with_sbx=not args.no_sbx)
         _log(args, f"{thread_info}; contenders: {[c.label for c in contenders]}")
         results = []
         for env_id in envs:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
-from envs import VectorBoxEnv, make_sac
+from envs import VectorBoxEnv, filled_sac
 from gymnasium import spaces
 from stable_baselines3.common.logger import Logger
 from torch import nn
@@ -30,11 +30,7 @@ def _model(learning_starts: int = 64, net_arch: list[int] | None = None, **kwarg
     has been made yet), with a silent logger."""
     policy_kwargs = dict(net_arch=net_arch or [32, 32])
     policy_kwargs.update(kwargs.pop("policy_kwargs", {}))
-    model = make_sac(learning_starts=learning_starts, batch_size=32, policy_kwargs=policy_kwargs, **kwargs)
-    model.learn(learning_starts)
-    assert model._n_updates == 0 and model.replay_buffer.size() == learning_starts
-    model.set_logger(Logger(None, []))
-    return model
+    return filled_sac(learning_starts, batch_size=32, policy_kwargs=policy_kwargs, **kwargs)
 
 
 def _batch(model: SAC, size: int = 32) -> tuple[th.Tensor, th.Tensor]:

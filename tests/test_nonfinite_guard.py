@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
-from stable_baselines3.common.logger import Logger
+from envs import filled_sac
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -28,17 +28,9 @@ OPTIMIZERS = {
 
 def _model(optimizer: str = "fused-adam", ent_coef: str | float = "auto") -> SAC:
     """A model whose buffer holds 64 transitions and whose optimizers have taken two finite steps."""
-    model = SAC(
-        "MlpPolicy",
-        "Pendulum-v1",
-        learning_starts=64,
-        batch_size=32,
-        ent_coef=ent_coef,
-        policy_kwargs=dict(net_arch=[16, 16], **OPTIMIZERS[optimizer]),
-        seed=0,
+    model = filled_sac(
+        64, "Pendulum-v1", ent_coef=ent_coef, policy_kwargs=dict(net_arch=[16, 16], **OPTIMIZERS[optimizer])
     )
-    model.learn(64)
-    model.set_logger(Logger(None, []))
     model.train(2, 32)
     return model
 

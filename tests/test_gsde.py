@@ -16,17 +16,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch as th
+from envs import SMALL_NET, make_sac
 from stable_baselines3.common.distributions import StateDependentNoiseDistribution
 from test_sb3_equivalence import _assert_same_parameters, _batch, _pair, _train_step
 from torch.distributions.transforms import TanhTransform
 
-from sb3_softac import SAC
-
 
 @pytest.mark.parametrize("use_expln", [False, True])
 def test_gsde_log_prob_matches_sb3_state_dependent_noise(box_env, use_expln: bool) -> None:
-    model = SAC("MlpPolicy", box_env, use_sde=True, policy_kwargs=dict(net_arch=[32, 32], use_expln=use_expln), seed=0)
-    actor = model.actor
+    actor = make_sac(box_env, use_sde=True, policy_kwargs=dict(SMALL_NET, use_expln=use_expln)).actor
     generator = th.Generator().manual_seed(0)
     with th.no_grad():
         # A different log_std per (feature, action) entry, around -1 and above 0 too (expln's two branches).

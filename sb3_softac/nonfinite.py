@@ -91,6 +91,7 @@ def guarded_step(optimizer: th.optim.Optimizer, flag: th.Tensor) -> None:
     }
     optimizer.step()
     skip = flag.bool()
+    skip_on = {skip.device: skip}  # one copy of the flag per device that holds optimizer state
     with th.no_grad():
         for param, saved in zip(params, saved_params, strict=True):
             param.copy_(th.where(skip, saved, param))
@@ -98,8 +99,10 @@ def guarded_step(optimizer: th.optim.Optimizer, flag: th.Tensor) -> None:
             before = saved_state.get(param, {})
             for key, value in optimizer.state[param].items():
                 if isinstance(value, th.Tensor):
-                    old = before.get(key, th.zeros_like(value))
-                    value.copy_(th.where(skip.to(value.device), old, value))
+                    old = before[key] if key in before else th.zeros_like(value)
+                    if value.device not in skip_on:
+                        skip_on[value.device] = skip.to(value.device)
+                    value.copy_(th.where(skip_on[value.device], old, value))
 
 
 def guarded_lerp_(

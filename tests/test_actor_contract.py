@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch as th
+from envs import make_sac
 from stable_baselines3.common.policies import BasePolicy
 
 from sb3_softac import SAC
@@ -43,7 +44,7 @@ _SAVED_POLICY_KWARGS = {
 
 
 def _model(env_id: str, **kwargs) -> SAC:
-    return SAC("MlpPolicy", env_id, seed=0, policy_kwargs=dict(net_arch=[16, 16]), **kwargs)
+    return make_sac(env_id, policy_kwargs=dict(net_arch=[16, 16]), **kwargs)
 
 
 def _obs(model: SAC, n: int = 5) -> th.Tensor:

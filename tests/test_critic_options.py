@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
-from envs import VectorBoxEnv, make_sac
+from envs import VectorBoxEnv, filled_sac
 from gymnasium import spaces
 from stable_baselines3.common.logger import Logger
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import sb3_softac.engine
 import sb3_softac.sac
 from sb3_softac import SAC
 from sb3_softac.networks import EnsembleLayerNorm, EnsembleLinear
@@ -29,11 +30,7 @@ def _model(learning_starts: int = 64, net_arch: list[int] | None = None, **kwarg
     has been made yet), with a silent logger."""
     policy_kwargs = dict(net_arch=net_arch or [32, 32])
     policy_kwargs.update(kwargs.pop("policy_kwargs", {}))
-    model = make_sac(learning_starts=learning_starts, batch_size=32, policy_kwargs=policy_kwargs, **kwargs)
-    model.learn(learning_starts)
-    assert model._n_updates == 0 and model.replay_buffer.size() == learning_starts
-    model.set_logger(Logger(None, []))
-    return model
+    return filled_sac(learning_starts, batch_size=32, policy_kwargs=policy_kwargs, **kwargs)
 
 
 def _batch(model: SAC, size: int = 32) -> tuple[th.Tensor, th.Tensor]:
@@ -52,7 +49,7 @@ def _set_constant_outputs(q_networks: nn.Module) -> None:
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict, Any]]:
-    """Record every call of ``sb3_softac.sac.<name>`` (arguments and result) while still running it."""
+    """Record every call of ``sb3_softac.sac.<name>`` (and the engine's) with arguments and result, still running it."""
     calls: list[tuple[tuple, dict, Any]] = []
     original: Callable = getattr(sb3_softac.sac, name)
 
@@ -62,6 +59,8 @@ def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict, 
         return result
 
     monkeypatch.setattr(sb3_softac.sac, name, spy)
+    if hasattr(sb3_softac.engine, name):  # the update engine computes its forward values with the same functions
+        monkeypatch.setattr(sb3_softac.engine, name, spy)
     return calls
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
-from stable_baselines3.common.logger import Logger
+from envs import filled_sac
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -28,17 +28,9 @@ OPTIMIZERS = {
 
 def _model(optimizer: str = "fused-adam", ent_coef: str | float = "auto") -> SAC:
     """A model whose buffer holds 64 transitions and whose optimizers have taken two finite steps."""
-    model = SAC(
-        "MlpPolicy",
-        "Pendulum-v1",
-        learning_starts=64,
-        batch_size=32,
-        ent_coef=ent_coef,
-        policy_kwargs=dict(net_arch=[16, 16], **OPTIMIZERS[optimizer]),
-        seed=0,
+    model = filled_sac(
+        64, "Pendulum-v1", ent_coef=ent_coef, policy_kwargs=dict(net_arch=[16, 16], **OPTIMIZERS[optimizer])
     )
-    model.learn(64)
-    model.set_logger(Logger(None, []))
     model.train(2, 32)
     return model
 
@@ -77,10 +69,12 @@ def _poison_sample(model: SAC, bad_call: int) -> None:
 
     def sample(batch_size: int, env: Any = None) -> ReplayBufferSamples:
         data = original(batch_size, env)
-        calls[0] += 1
-        if calls[0] == bad_call:
+        # The update engine draws all the minibatches of a train() call at once: count minibatches, not calls.
+        first = calls[0]
+        calls[0] += batch_size // model.batch_size
+        if first < bad_call <= calls[0]:
             rewards = data.rewards.clone()
-            rewards[0] = float("nan")
+            rewards[(bad_call - first - 1) * model.batch_size] = float("nan")
             data = data._replace(rewards=rewards)
         return data
 

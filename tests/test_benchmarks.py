@@ -133,7 +133,7 @@ def test_speed_main_prints_tables(tmp_path: Path, capsys: pytest.CaptureFixture[
     argv = [
         *("--envs", "Pendulum-v1", "--steps", "40", "--reps", "2", "--warmup", "40", "--learning-starts", "20"),
         *("--grad-steps", "2", "--grad-reps", "2", "--batch-size", "16", *TINY_NET),
-        *("--quiet", "--no-sbx", "--json", str(json_path)),
+        *("--quiet", "--no-sbx", "--settings", "SAC", "--json", str(json_path)),
     ]
     report = speed.main(argv)
     out = capsys.readouterr().out
@@ -153,7 +153,7 @@ def test_speed_main_prints_tables(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "error" not in out
     raw = json.loads(json_path.read_text())
     timings = raw["results"][0]["steps_per_s"]
-    assert set(timings) == {"sb3_softac", "SB3"}
+    assert set(timings) == {"sb3_softac", "sb3_softac (autograd)", "SB3"}
     assert all(len(v) == 2 for v in timings.values())
 
 

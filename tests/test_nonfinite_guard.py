@@ -1,6 +1,6 @@
 """A non-finite update never reaches the weights: at the ``FloatingPointError`` the model (weights, target weights,
 entropy coefficient, optimizer states) is the last finite state, on the device-side path that fused optimizers take
-and on the restoring path of any other optimizer."""
+and on the restoring path of any other optimizer, through the autograd update and the update engine alike."""
 
 import copy
 from collections import Counter
@@ -26,12 +26,23 @@ OPTIMIZERS = {
 }
 
 
-def _model(optimizer: str = "fused-adam", ent_coef: str | float = "auto") -> SAC:
+# The two update paths of ``SAC.train``: autograd, and the autograd-free engine that "auto" picks for these models.
+PATHS = {"autograd": "autograd", "engine": "auto"}
+# The engine steps Adam only: with another optimizer "auto" runs the autograd update, covered above.
+CASES = [(optimizer, path) for optimizer in OPTIMIZERS for path in PATHS if (optimizer, path) != ("rmsprop", "engine")]
+
+
+def _model(optimizer: str = "fused-adam", ent_coef: str | float = "auto", path: str = "autograd") -> SAC:
     """A model whose buffer holds 64 transitions and whose optimizers have taken two finite steps."""
     model = filled_sac(
-        64, "Pendulum-v1", ent_coef=ent_coef, policy_kwargs=dict(net_arch=[16, 16], **OPTIMIZERS[optimizer])
+        64,
+        "Pendulum-v1",
+        ent_coef=ent_coef,
+        update_engine=PATHS[path],
+        policy_kwargs=dict(net_arch=[16, 16], **OPTIMIZERS[optimizer]),
     )
     model.train(2, 32)
+    assert model.update_path == path
     return model
 
 
@@ -87,10 +98,10 @@ def _seed(seed: int) -> None:
     th.manual_seed(seed)
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize(("optimizer", "path"), CASES)
 @pytest.mark.parametrize("ent_coef", ["auto", 0.1])
-def test_nan_in_first_step_leaves_the_state_before_the_call(optimizer: str, ent_coef: str | float) -> None:
-    model = _model(optimizer, ent_coef)
+def test_nan_in_first_step_leaves_the_state_before_the_call(optimizer: str, ent_coef: str | float, path: str) -> None:
+    model = _model(optimizer, ent_coef, path)
     before = _state(model)
     n_updates = model._n_updates
     _poison_sample(model, bad_call=1)
@@ -100,11 +111,11 @@ def test_nan_in_first_step_leaves_the_state_before_the_call(optimizer: str, ent_
     assert model._n_updates == n_updates
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_nan_in_a_later_step_keeps_the_steps_before_it(optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "path"), CASES)
+def test_nan_in_a_later_step_keeps_the_steps_before_it(optimizer: str, path: str) -> None:
     """Steps 1 and 2 of the call are applied (as by a clean ``train(2)`` from the same state and random streams),
     step 3 carries a NaN reward and neither it nor step 4 is applied."""
-    model = _model(optimizer)
+    model = _model(optimizer, path=path)
     reference = copy.deepcopy(model)
     start = _state(model)
     n_updates = model._n_updates
@@ -123,8 +134,9 @@ def test_nan_in_a_later_step_keeps_the_steps_before_it(optimizer: str) -> None:
         assert keys and any(not th.equal(expected[key], start[key]) for key in keys)
 
 
-def test_a_model_saved_after_the_error_is_the_last_finite_one(tmp_path: Path) -> None:
-    model = _model()
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_model_saved_after_the_error_is_the_last_finite_one(tmp_path: Path, path: str) -> None:
+    model = _model(path=path)
     before = {k: v.clone() for k, v in model.policy.state_dict().items()}
     _poison_sample(model, bad_call=2)
     with pytest.raises(FloatingPointError):

@@ -36,10 +36,12 @@ def _float32_mean(values: list[th.Tensor]) -> float:
 def test_logged_values_are_means_over_the_updates_that_computed_them(
     ent_coef: str | float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Four gradient steps with ``policy_delay=2``: critic statistics over 4 updates, actor ones over 2."""
+    """Four gradient steps with ``policy_delay=2``: critic statistics over 4 updates, actor ones over 2 (the autograd
+    update, whose losses the spies see; the engine's statistics are compared with it in test_engine.py)."""
     model = SAC(
         "MlpPolicy",
         "Pendulum-v1",
+        update_engine="autograd",
         learning_starts=64,
         batch_size=32,
         ent_coef=ent_coef,

@@ -1,63 +1,396 @@
-"""Saved models: inspecting archives before loading them, and converting weights to and from SB3's SAC."""
+"""Saved models: reading archives without trusting them, and converting them to and from SB3's SAC.
 
+An SB3 archive is a zip with ``data`` (JSON; objects that JSON cannot hold are cloudpickled into it, with a
+readable summary beside each pickle), one ``<name>.pth`` state dict per network or optimizer, and
+``pytorch_variables.pth``. Everything here reads the JSON and the weights (``torch.load(weights_only=True)``)
+and unpickles nothing; the pickled entries are left to SB3's loader, which skips those given in
+``custom_objects``.
+
+This module knows SB3's layouts, not sb3_softac's classes: the callers pass those in (``policy_aliases``,
+the algorithm class), which keeps the imports one-way (``sac`` and ``policies`` import this module).
+"""
+
+import base64
+import importlib
+import inspect
 import io
+import itertools
 import json
-import pathlib
+import pickletools
 import re
+import warnings
 import zipfile
+import zlib
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
+import stable_baselines3 as sb3
 import torch as th
-from stable_baselines3.common.save_util import json_to_data, load_from_zip_file, open_path, save_to_zip_file
+from gymnasium import spaces
+from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
+from stable_baselines3.common.save_util import load_from_zip_file, open_path, save_to_zip_file
+from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 from stable_baselines3.sac import policies as sb3_policies
 
+from sb3_softac import files
 
-def read_saved_data(path: str | pathlib.Path | io.BufferedIOBase, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Read some entries of the ``data`` part of an SB3 model archive, without loading any weights.
+SOFTAC = "sb3_softac"
+SB3 = "stable_baselines3"
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading an archive
+
+
+@dataclass(frozen=True)
+class Archive:
+    """What a model archive holds, read without unpickling anything."""
+
+    #: the path or stream, as given (for messages)
+    source: Any
+    #: the ``data`` entry as plain JSON: pickled objects are still ``{":type:", ":serialized:", ...}`` dicts
+    data: dict[str, Any]
+    #: the names of the archive's members
+    members: frozenset[str]
+
+    def read_member(self, name: str) -> bytes:
+        """The bytes of one member, e.g. ``"policy.pth"``."""
+        file = open_path(self.source, "r", verbose=0, suffix="zip")
+        start = file.tell()
+        try:
+            with zipfile.ZipFile(file) as archive:
+                return archive.read(name)
+        finally:
+            _release(self.source, file, start)
+
+
+def _release(source: Any, file: Any, start: int) -> None:
+    # A caller's stream stays open and rewound, for the actual load; only a file opened here is closed.
+    file.seek(start)
+    if not isinstance(source, io.BufferedIOBase):
+        file.close()
+
+
+_DAMAGED = "use an earlier copy, or save the model again (a save that was interrupted, or a copy cut short, does this)"
+
+
+def read_archive(path: files.Destination) -> Archive:
+    """Open a model archive and check that it is whole, before anything is unpickled or built.
 
     :param path: the archive, as ``BaseAlgorithm.load`` accepts it (the ``.zip`` suffix may be left out)
-    :param keys: entries to read
-    :return: the entries that the archive holds, deserialised
+    :raises ValueError: naming the file and what is wrong: not a zip, a damaged or truncated zip, no ``data``,
+        ``data`` that is not JSON, or no ``policy.pth``
     """
     file = open_path(path, "r", verbose=0, suffix="zip")
     start = file.tell()
     try:
-        with zipfile.ZipFile(file) as archive:
-            data = json.loads(archive.read("data").decode())
-    except (zipfile.BadZipFile, KeyError) as error:
-        raise ValueError(f"{path} is not a model saved by Stable-Baselines3 (no zip with 'data').") from error
-    finally:
-        # A caller's stream stays open and rewound, for the actual load; only a file opened here is closed.
+        # Every zip starts with a local file header: a file that has one but does not open was cut or damaged.
+        is_zip = file.read(4) == b"PK\x03\x04"
         file.seek(start)
-        if not isinstance(path, io.BufferedIOBase):
-            file.close()
-    return json_to_data(json.dumps({key: data[key] for key in keys if key in data}))
+        try:
+            with zipfile.ZipFile(file) as archive:
+                damaged = archive.testzip()  # reads every member and checks its CRC
+                members = frozenset(archive.namelist())
+                raw = archive.read("data") if "data" in members else None
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+            if is_zip:
+                raise ValueError(f"{path} is a damaged or truncated zip archive ({error}): {_DAMAGED}.") from error
+            raise ValueError(f"{path} is not a model saved by Stable-Baselines3 (no zip with 'data').") from error
+    finally:
+        _release(path, file, start)
+    if damaged is not None:
+        raise ValueError(f"{path} is damaged: its member {damaged!r} fails its checksum; {_DAMAGED}.")
+    if raw is None:
+        raise ValueError(f"{path} is not a model saved by Stable-Baselines3 (no zip with 'data').")
+    try:
+        data = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{path}: its 'data' member (the model's settings) is not valid JSON ({error}). The archive was damaged "
+            f"or edited by hand; {_DAMAGED}."
+        ) from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: its 'data' member is JSON but not an object of settings; {_DAMAGED}.")
+    if "policy.pth" not in members:
+        raise ValueError(
+            f"{path} holds no 'policy.pth', the network weights (it holds {sorted(members)}): the archive is "
+            "incomplete. Load the complete archive that save() wrote."
+        )
+    return Archive(path, data, members)
 
 
-def saved_policy_origin(path: str | pathlib.Path | io.BufferedIOBase) -> str:
-    """Say whose SAC an archive holds: ``"sb3_softac"`` or ``"stable_baselines3"``.
+# ---------------------------------------------------------------------------------------------------------------------
+# Classes named in the JSON, and whose SAC an archive holds
 
-    :param path: the archive
-    :raises ValueError: naming what the archive holds when it is neither
+# SB3 writes, beside each pickled class, the JSON-readable entries of its ``__dict__``: ``__module__`` as is and its
+# methods as ``str(function)``, "<function SACPolicy.__init__ at 0x...>", whose qualified name names the class.
+_METHOD_REPR = re.compile(r"^<function (?P<owner>[\w.<>]+)\.\w+ at 0x[0-9a-f]+>$")
+_CLASS_REPR = re.compile(r"^<class '(?P<module>[\w.]+)\.(?P<name>\w+)'>$")
+# Packages whose classes may be looked up by the name written in a file (importing them runs no code from the file).
+_TRUSTED_MODULES = ("torch.nn", "torch.optim", "stable_baselines3", "sb3_softac")
+
+
+@dataclass(frozen=True)
+class SavedClass:
+    """A class pickled into ``data``, as named by its readable summary."""
+
+    module: str
+    #: the class name, or None when the summary lists no method defined in the class itself
+    name: str | None
+
+    def __str__(self) -> str:
+        return f"{self.module}.{self.name}" if self.name else f"a class from {self.module}"
+
+
+def saved_class(entry: Any) -> SavedClass | None:
+    """Read which class a pickled JSON entry holds, without unpickling it; None when it is no pickled class."""
+    if not (isinstance(entry, dict) and ":serialized:" in entry and isinstance(entry.get("__module__"), str)):
+        return None
+    owners = {
+        match["owner"] for value in entry.values() if isinstance(value, str) and (match := _METHOD_REPR.match(value))
+    }
+    name = owners.pop().rsplit(".", 1)[-1] if len(owners) == 1 else None
+    return SavedClass(entry["__module__"], name)
+
+
+def _trusted_class(module: str, name: str | None) -> type | None:
+    """The class ``module.name`` if it lives in one of :data:`_TRUSTED_MODULES`, else None."""
+    if name is None or not any(module == root or module.startswith(root + ".") for root in _TRUSTED_MODULES):
+        return None
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    return found if isinstance(found, type) else None
+
+
+def _algorithm_named_by(policy_module: str) -> str | None:
+    """The algorithm class that saves policies of ``policy_module``: ``stable_baselines3.td3.policies`` gives
+    ``stable_baselines3.TD3``, ``sb3_contrib.tqc.policies`` gives ``sb3_contrib.TQC``; None when no algorithm
+    package of that name exists (e.g. ``stable_baselines3.common.policies``, shared by PPO and A2C)."""
+    parts = policy_module.split(".")
+    if len(parts) != 3 or parts[0] not in (SB3, "sb3_contrib") or parts[2] != "policies":
+        return None
+    try:
+        package = importlib.import_module(parts[0])
+    except ImportError:
+        return None
+    for attribute in dir(package):
+        if attribute.lower() == parts[1] and isinstance(getattr(package, attribute), type):
+            return f"{parts[0]}.{attribute}"
+    return None
+
+
+def _not_sac(source: Any, holds: str, module: str) -> ValueError:
+    algorithm = _algorithm_named_by(module)
+    hint = f"{algorithm}.load" if algorithm else "the load method of the algorithm class that saved it"
+    return ValueError(f"{source} is not a SAC model: it holds {holds}. Load it with {hint}.")
+
+
+def saved_policy_origin(archive: Archive) -> str:
+    """Say whose SAC an archive holds, :data:`SOFTAC` or :data:`SB3`, without unpickling anything.
+
+    The policy class's module, readable in the JSON, decides. A class from elsewhere (a user's subclass) is
+    judged by the layout of the critic weights, read with ``torch.load(weights_only=True)``.
+
+    :param archive: the archive, from :func:`read_archive`
+    :raises ValueError: naming what the archive holds, and the class that loads it, when it is no SAC model
     """
-    from sb3_softac.policies import SACPolicy
+    saved = saved_class(archive.data.get("policy_class"))
+    if saved is not None and saved.module == SOFTAC + ".policies":
+        return SOFTAC
+    if saved is not None and saved.module == sb3_policies.__name__:
+        return SB3
+    if saved is not None and saved.module.split(".")[0] in (SB3, "sb3_contrib"):
+        raise _not_sac(archive.source, f"a {saved} policy", saved.module)
+    keys = th.load(io.BytesIO(archive.read_member("policy.pth")), map_location="cpu", weights_only=True).keys()
+    if any(_OUR_CRITIC_KEY.match(key) for key in keys):
+        return SOFTAC
+    if any(_SB3_CRITIC_KEY.match(key) for key in keys):
+        return SB3
+    holds = f"a {saved} policy" if saved is not None else "no readable policy class"
+    raise _not_sac(archive.source, f"{holds} without SAC critics", saved.module if saved else "")
 
-    policy_class = read_saved_data(path, ("policy_class",)).get("policy_class")
-    if isinstance(policy_class, type) and issubclass(policy_class, SACPolicy):
-        return "sb3_softac"
-    if isinstance(policy_class, type) and issubclass(policy_class, sb3_policies.SACPolicy):
-        return "stable_baselines3"
-    if isinstance(policy_class, type):
-        holds = f"a {policy_class.__module__}.{policy_class.__qualname__} policy"
-    else:
-        holds = "no readable policy class"
-    raise ValueError(
-        f"{path} is not a SAC model: it holds {holds}. "
-        "Load it with the algorithm class that saved it (e.g. stable_baselines3.PPO.load)."
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading with weights_only=True: a substitute for every pickled entry
+
+# Entries that a load rebuilds (``_setup_model`` recomputes them from the readable settings) or that a fresh model
+# starts without (the rollout in progress and the episode statistics; ``learn`` resets the environment and
+# starts new windows, as ``load(env=...)`` with ``force_reset=True`` does for the observation anyway).
+_REBUILT_ON_LOAD = ("lr_schedule", "qf_lr_schedule", "batch_norm_stats", "batch_norm_stats_target")
+_RUN_STATE = ("_last_obs", "_last_original_obs", "_last_episode_starts", "ep_info_buffer", "ep_success_buffer")
+
+
+def weights_only_objects(
+    archive: Archive,
+    policy_aliases: Mapping[str, type],
+    env_spaces: tuple[spaces.Space, spaces.Space] | None,
+    custom_objects: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``custom_objects`` that leave SB3's loader nothing to unpickle.
+
+    Each pickled entry of ``data`` gets a substitute: the user's (``custom_objects``), the spaces of the
+    environment, sb3_softac's policy class of the saved class's name, classes and settings read from the JSON
+    summary (policy kwargs, the replay buffer class, ``train_freq``), or the value a fresh model starts with for
+    what a load rebuilds anyway.
+
+    :param archive: the archive
+    :param policy_aliases: sb3_softac's policy classes by name (``SAC.policy_aliases``)
+    :param env_spaces: observation and action spaces of the environment given to ``load``, if any
+    :param custom_objects: the user's substitutes; they take precedence
+    :raises ValueError: listing every entry that has no substitute, and what to pass for it
+    """
+    objects = dict(custom_objects)
+    missing: list[str] = []
+    for key, entry in archive.data.items():
+        if key in objects or not (isinstance(entry, dict) and ":serialized:" in entry):
+            continue
+        if key in ("observation_space", "action_space"):
+            if env_spaces is None:
+                missing.append(key)
+            else:
+                objects[key] = env_spaces[1] if key == "action_space" else env_spaces[0]
+                _check_space_matches(archive.source, key, entry, objects[key])
+            continue
+        substitute = _readable_substitute(key, entry, policy_aliases)
+        if substitute is _UNREADABLE:
+            missing.append(key)
+        else:
+            objects[key] = substitute
+    if missing:
+        needs_env = [key for key in missing if key.endswith("_space")]
+        others = [key for key in missing if key not in needs_env]
+        asks = (["env (its spaces replace the pickled ones)"] if needs_env else []) + (
+            [f"custom_objects with {others} (each a value to use in place of the file's)"] if others else []
+        )
+        raise ValueError(
+            f"{archive.source}: weights_only=True unpickles nothing, and these entries of the archive are pickled: "
+            f"{missing}. Pass " + " and ".join(asks) + ", or load without weights_only if you trust the file."
+        )
+    return objects
+
+
+_UNREADABLE = object()
+
+
+def _readable_substitute(key: str, entry: dict[str, Any], policy_aliases: Mapping[str, type]) -> Any:
+    """A substitute for the pickled entry ``key`` built from its readable summary, or :data:`_UNREADABLE`."""
+    if key in _REBUILT_ON_LOAD or key in _RUN_STATE:
+        return None
+    if key == "policy_class":
+        saved = saved_class(entry)
+        if saved is None or saved.module not in (SOFTAC + ".policies", sb3_policies.__name__):
+            return _UNREADABLE
+        return _policy_class_named(saved.name, policy_aliases) or _UNREADABLE
+    if key == "replay_buffer_class":
+        saved = saved_class(entry)
+        return (saved and _trusted_class(saved.module, saved.name)) or _UNREADABLE
+    if key == "train_freq":
+        return _read_train_freq(entry[":serialized:"])
+    if key == "policy_kwargs" and entry.get(":type:") == "<class 'dict'>":
+        kwargs = {name: value for name, value in entry.items() if not name.startswith(":")}
+        for name, value in kwargs.items():
+            if isinstance(value, str):  # a value JSON could not hold, written as str(value): only classes are read
+                match = _CLASS_REPR.match(value)
+                kwargs[name] = _trusted_class(match["module"], match["name"]) if match else None
+                if kwargs[name] is None:
+                    return _UNREADABLE
+        return kwargs
+    return _UNREADABLE
+
+
+def _read_train_freq(serialized: str) -> Any:
+    """Read a pickled ``TrainFreq`` without unpickling it.
+
+    The pickle is parsed (not run) for its numbers and unit names; the candidate ``TrainFreq`` whose own
+    pickle is byte for byte the saved one is the saved value.
+    """
+    try:
+        payload = base64.b64decode(serialized.encode(), validate=True)
+        arguments = [argument for _, argument, _ in pickletools.genops(payload)]
+    except Exception:  # any parse failure: the payload is not what this reader knows
+        return _UNREADABLE
+    numbers = {argument for argument in arguments if isinstance(argument, int) and not isinstance(argument, bool)}
+    for frequency, unit in itertools.product(sorted(numbers), TrainFrequencyUnit):
+        candidate = TrainFreq(frequency, unit)
+        if cloudpickle.dumps(candidate) == payload:
+            return candidate
+    return _UNREADABLE
+
+
+def _check_space_matches(source: Any, key: str, entry: dict[str, Any], space: spaces.Space) -> None:
+    """Refuse an environment whose space has another type or shape than the saved one (both readable)."""
+    saved_type = entry.get(":type:")
+    saved_shape = entry.get("_shape")
+    if saved_type != str(type(space)) or (saved_shape is not None and tuple(saved_shape) != space.shape):
+        raise ValueError(
+            f"{source} was saved for an {key} {saved_type} of shape {saved_shape}, but the env given has {space}. "
+            "Pass the environment the model was trained on."
+        )
+
+
+def _policy_class_named(name: str | None, policy_aliases: Mapping[str, type]) -> type | None:
+    # SB3 and sb3_softac both call their policies SACPolicy (= MlpPolicy), CnnPolicy and MultiInputPolicy.
+    return policy_aliases.get("MlpPolicy" if name == "SACPolicy" else name or "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Settings that only sb3_softac has, and what an older sb3_softac archive meant by them
+
+
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` and their defaults, through its base classes (the subclass's win)."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            for name, parameter in inspect.signature(vars(klass)["__init__"]).parameters.items():
+                if parameter.default is not inspect.Parameter.empty:
+                    defaults[name] = parameter.default
+    return defaults
+
+
+def softac_only_defaults(ours: type, theirs: type) -> dict[str, Any]:
+    """Arguments of ``ours`` that SB3's ``theirs`` lacks, with the defaults that make ours behave as SB3's."""
+    sb3_names = constructor_defaults(theirs).keys()
+    return {
+        name: value
+        for name, value in constructor_defaults(ours).items()
+        if name not in sb3_names and not name.startswith("_")
+    }
+
+
+# Attributes that SAC._setup_model derives from sb3_softac-only arguments (dropped with them).
+_DERIVED_SOFTAC_ATTRIBUTES = ("qf_lr_schedule",)
+
+
+def legacy_settings(archive: Archive) -> dict[str, Any]:
+    """Settings that an archive from an older sb3_softac implied without saving them, with a warning for each.
+
+    Before ``actor_q_reduction`` existed, ``critic_subset_size`` also made the actor maximise the mean of the
+    critics (REDQ). Such an archive loads with ``actor_q_reduction="mean"``, its behaviour when saved.
+
+    :param archive: an sb3_softac archive
+    :return: keyword arguments for ``load``
+    """
+    data = archive.data
+    if data.get("critic_subset_size") is None or "actor_q_reduction" in data:
+        return {}
+    warnings.warn(
+        f"{archive.source} was saved before actor_q_reduction existed, when critic_subset_size="
+        f"{data['critic_subset_size']} also made the actor maximise the mean of the critics. It loads with "
+        "actor_q_reduction='mean' to keep that behaviour. Pass actor_q_reduction='min' to load() for SAC's minimum "
+        "instead; saving the model again records the choice.",
+        UserWarning,
+        stacklevel=3,
     )
+    return {"actor_q_reduction": "mean"}
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Critic weights: SB3's per-critic layers and sb3_softac's stacked ensemble
 
 # SB3 keeps one nn.Sequential per critic ("critic.qf1.2.weight", Linear weights stored (out, in)); we keep one
 # stacked ensemble ("critic.q_networks.2.weight", stored (n_critics, in, out)). Layer indices coincide when the
@@ -87,24 +420,41 @@ def critic_tensor_to_sb3(kind: str, stacked: th.Tensor) -> list[th.Tensor]:
     return [member.squeeze(0).clone() for member in stacked]
 
 
-def state_dict_from_sb3(state: Mapping[str, th.Tensor]) -> dict[str, th.Tensor]:
+def state_dict_from_sb3(state: Mapping[str, th.Tensor], source: Any = "the state dict") -> dict[str, th.Tensor]:
     """Convert a state dict of an SB3 ``SACPolicy`` (or of its critics) to sb3_softac's layout.
 
     :param state: the SB3 state dict
-    :return: the same tensors, with every critic layer stacked into its ensemble layer
+    :param source: what holds it, for error messages
+    :return: the same tensors, with every critic layer stacked into its ensemble layer, in SB3's key order
+    :raises ValueError: when a critic lacks a layer that another critic has
     """
+    layers: dict[str, dict[tuple[str, str], dict[int, th.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    for key, value in state.items():
+        if match := _SB3_CRITIC_KEY.match(key):
+            layers[match["module"]][match["layer"], match["kind"]][int(match["member"])] = value
     converted: dict[str, th.Tensor] = {}
-    layers: dict[tuple[str, str, str], dict[int, th.Tensor]] = defaultdict(dict)
+    written: set[str] = set()
     for key, value in state.items():
         match = _SB3_CRITIC_KEY.match(key)
         if match is None:
             converted[key] = value
-        else:
-            layers[match["module"], match["layer"], match["kind"]][int(match["member"])] = value
-    for (module, layer, kind), members in layers.items():
-        converted[f"{module}.q_networks.{layer}.{kind}"] = critic_tensor_from_sb3(
-            kind, [members[i] for i in range(len(members))]
-        )
+            continue
+        module = match["module"]
+        if module in written:
+            continue
+        written.add(module)
+        # The ensemble's layers go where SB3's first critic had them, in SB3's layer order, which is ours.
+        n_critics = 1 + max(member for members in layers[module].values() for member in members)
+        for (layer, kind), members in layers[module].items():
+            absent = [f"{module}.qf{i}.{layer}.{kind}" for i in range(n_critics) if i not in members]
+            if absent:
+                raise ValueError(
+                    f"{source} is incomplete: its SB3 critics have {n_critics} members, but {absent} is missing. "
+                    f"The weights were damaged or edited; {_DAMAGED}."
+                )
+            converted[f"{module}.q_networks.{layer}.{kind}"] = critic_tensor_from_sb3(
+                kind, [members[i] for i in range(n_critics)]
+            )
     return converted
 
 
@@ -114,29 +464,31 @@ def state_dict_to_sb3(state: Mapping[str, th.Tensor]) -> dict[str, th.Tensor]:
     :param state: the sb3_softac state dict (its critics without dropout or layer norm)
     :return: the same tensors, with every ensemble layer split into one layer per critic
     """
-    ensembles: dict[str, list[tuple[re.Match[str], th.Tensor]]] = defaultdict(list)
+    ensembles: dict[str, list[tuple[str, str, th.Tensor]]] = defaultdict(list)
     for key, value in state.items():
-        if (match := _OUR_CRITIC_KEY.match(key)) is not None:
-            ensembles[match["module"]].append((match, value))
+        if match := _OUR_CRITIC_KEY.match(key):
+            ensembles[match["module"]].append((match["layer"], match["kind"], value))
     converted: dict[str, th.Tensor] = {}
+    written: set[str] = set()
     for key, value in state.items():
         match = _OUR_CRITIC_KEY.match(key)
         if match is None:
             converted[key] = value
-        elif f"{match['module']}.qf0.{match['layer']}.{match['kind']}" not in converted:
-            # SB3 registers its critics one after the other, so its parameter order (which optimizer
-            # states follow) is critic by critic, layer by layer within each.
-            layers = ensembles[match["module"]]
+        elif match["module"] not in written:
+            # The whole ensemble goes where its first layer stood, critic by critic and layer by layer within
+            # each: the order in which SB3 registers its parameters, which its optimizer states follow.
+            module = match["module"]
+            written.add(module)
+            members = {(layer, kind): critic_tensor_to_sb3(kind, tensor) for layer, kind, tensor in ensembles[module]}
             for member in range(value.shape[0]):
-                for layer, tensor in layers:
-                    name = f"{layer['module']}.qf{member}.{layer['layer']}.{layer['kind']}"
-                    converted[name] = critic_tensor_to_sb3(layer["kind"], tensor)[member]
+                for (layer, kind), tensors in members.items():
+                    converted[f"{module}.qf{member}.{layer}.{kind}"] = tensors[member]
     return converted
 
 
-# Options that only sb3_softac has, with the values that make it behave as SB3's SAC.
-_SOFTAC_ONLY_POLICY_KWARGS = {"dropout_rate": 0.0, "layer_norm": False}
-_SOFTAC_ONLY_ATTRIBUTES = {"policy_delay": 1, "qf_learning_rate": None, "critic_subset_size": None}
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimizer states follow their parameters
+
 _BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -152,30 +504,30 @@ def _critic_optimizer_names(policy_state: Mapping[str, th.Tensor], shared_extrac
     ]
 
 
-def _convert_optimizer_state(
+def _reindex_optimizer_state(
     state: dict[str, Any],
     source_names: list[str],
     target_names: list[str],
-    convert_state: Any,
+    state_of: Callable[[str, dict[str, dict[str, Any]]], dict[str, Any] | None],
 ) -> dict[str, Any]:
     """Re-index an optimizer state dict from one parameter layout to another.
 
     :param state: the optimizer's state dict, indexed by position in ``source_names``
     :param source_names: parameter names of the source layout, in optimizer order
     :param target_names: parameter names of the target layout, in optimizer order
-    :param convert_state: ``(target_name, {source_name: per-parameter state}) -> per-parameter state``
+    :param state_of: ``(target name, {source name: per-parameter state}) -> per-parameter state`` (None: none yet)
     """
     by_name = {name: state["state"][index] for index, name in enumerate(source_names) if index in state["state"]}
     new_state = {}
     for index, name in enumerate(target_names):
-        converted = convert_state(name, by_name)
-        if converted is not None:
+        if (converted := state_of(name, by_name)) is not None:
             new_state[index] = converted
     groups = [dict(group, params=list(range(len(target_names)))) for group in state["param_groups"]]
     return {"state": new_state, "param_groups": groups}
 
 
-def _merge_member_states(name: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+def _stacked_member_states(name: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The Adam state of our ensemble parameter ``name``, stacked from SB3's per-critic states."""
     match = _OUR_CRITIC_KEY.match(name)
     if match is None:
         return by_name.get(name)
@@ -190,7 +542,8 @@ def _merge_member_states(name: str, by_name: dict[str, dict[str, Any]]) -> dict[
     }
 
 
-def _split_member_state(name: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+def _member_state(name: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The Adam state of SB3's per-critic parameter ``name``, sliced from our stacked state."""
     match = _SB3_CRITIC_KEY.match(name)
     if match is None:
         return by_name.get(name)
@@ -204,102 +557,259 @@ def _split_member_state(name: str, by_name: dict[str, dict[str, Any]]) -> dict[s
     }
 
 
-def _policy_class_named(name: str, module: Any) -> type:
-    # SB3 and sb3_softac both expose SACPolicy (= MlpPolicy), CnnPolicy and MultiInputPolicy.
-    return getattr(module, "SACPolicy" if name in ("SACPolicy", "MlpPolicy") else name)
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole archives: SB3 -> sb3_softac, and sb3_softac -> SB3
 
 
-def _convert_archive(
-    path: str | pathlib.Path | io.BufferedIOBase, to_sb3: bool, device: th.device | str = "cpu"
-) -> io.BytesIO:
-    from sb3_softac import policies as softac_policies
+@dataclass
+class _Contents:
+    data: dict[str, Any]
+    params: dict[str, Any]  # state dicts by name (SB3 types them as tensors)
+    pytorch_variables: Any
 
-    data, tensors, pytorch_variables = load_from_zip_file(path, device=device)
-    if data is None:
-        raise ValueError(f"{path} holds no model data to convert.")
-    params: dict[str, Any] = dict(tensors)  # state dicts by name (SB3 types them as tensors)
-    shared = bool(data.get("policy_kwargs", {}).get("share_features_extractor", False))
-    source_state = params["policy"]
-    if to_sb3:
-        _check_sb3_can_represent(data)
-        params["policy"] = state_dict_to_sb3(source_state)
-        merge = _split_member_state
-        data["policy_class"] = _policy_class_named(data["policy_class"].__name__, sb3_policies)
-        for name in _SOFTAC_ONLY_ATTRIBUTES:
-            data.pop(name, None)
-        data.pop("qf_lr_schedule", None)
-        data["policy_kwargs"] = {
-            key: value for key, value in data.get("policy_kwargs", {}).items() if key not in _SOFTAC_ONLY_POLICY_KWARGS
-        }
-        # Our optimizers default to fused Adam; hand SB3 the implementation choice it makes itself.
-        for name in ("actor.optimizer", "critic.optimizer", "ent_coef_optimizer"):
-            for group in params.get(name, {}).get("param_groups", []):
-                if group.get("fused"):
-                    group["fused"] = None
-    else:
-        params["policy"] = state_dict_from_sb3(source_state)
-        merge = _merge_member_states
-        data["policy_class"] = _policy_class_named(data["policy_class"].__name__, softac_policies)
-    if "critic.optimizer" in params:
-        params["critic.optimizer"] = _convert_optimizer_state(
-            params["critic.optimizer"],
-            _critic_optimizer_names(source_state, shared),
-            _critic_optimizer_names(params["policy"], shared),
-            merge,
+    @property
+    def shared_extractor(self) -> bool:
+        return bool((self.data.get("policy_kwargs") or {}).get("share_features_extractor", False))
+
+    def write(self, destination: files.Destination) -> None:
+        save_to_zip_file(destination, data=self.data, params=self.params, pytorch_variables=self.pytorch_variables)
+
+
+def _read_contents(path: files.Destination, custom_objects: Mapping[str, Any] | None) -> _Contents:
+    data, params, pytorch_variables = load_from_zip_file(path, custom_objects=dict(custom_objects or {}), device="cpu")
+    assert data is not None  # read_archive checked that there is a 'data' member
+    return _Contents(data, dict(params), pytorch_variables)
+
+
+def sb3_archive_to_softac(
+    path: files.Destination, policy_aliases: Mapping[str, type], custom_objects: Mapping[str, Any] | None = None
+) -> tuple[io.BytesIO, dict[str, Any]]:
+    """Convert an archive written by ``stable_baselines3.SAC.save`` into an sb3_softac archive, in memory.
+
+    Weights, optimizer states, the entropy coefficient and the training state carry over unchanged. The
+    archive's ``data`` is deserialised once, honouring ``custom_objects`` as SB3's loader does.
+
+    :param path: the SB3 archive
+    :param policy_aliases: sb3_softac's policy classes by name (``SAC.policy_aliases``)
+    :param custom_objects: substitutes for entries of ``data``, which are then not unpickled
+    :return: the converted archive, and its deserialised ``data`` (pass it as ``custom_objects`` when loading
+        the converted archive, so that nothing is unpickled twice)
+    """
+    contents = _read_contents(path, custom_objects)
+    contents.data["policy_class"] = _softac_policy_class(path, contents.data.get("policy_class"), policy_aliases)
+    sb3_state = contents.params["policy"]
+    contents.params["policy"] = state_dict_from_sb3(sb3_state, source=f"{path} (policy.pth)")
+    if "critic.optimizer" in contents.params:
+        contents.params["critic.optimizer"] = _reindex_optimizer_state(
+            contents.params["critic.optimizer"],
+            _critic_optimizer_names(sb3_state, contents.shared_extractor),
+            _critic_optimizer_names(contents.params["policy"], contents.shared_extractor),
+            _stacked_member_states,
         )
     converted = io.BytesIO()
-    save_to_zip_file(converted, data=data, params=params, pytorch_variables=pytorch_variables)
+    contents.write(converted)
     converted.seek(0)
-    return converted
+    return converted, contents.data
 
 
-def _check_sb3_can_represent(data: dict[str, Any]) -> None:
-    """Raise a ``ValueError`` naming each sb3_softac-only option that the model uses."""
-    from gymnasium import spaces
+def _softac_policy_class(path: Any, saved: Any, policy_aliases: Mapping[str, type]) -> type:
+    """sb3_softac's policy class for the class of an SB3 archive (kept when it already is one of ours)."""
+    ours = policy_aliases["MlpPolicy"]
+    if isinstance(saved, type) and issubclass(saved, ours):
+        return saved
+    named = _policy_class_named(saved.__name__, policy_aliases) if isinstance(saved, type) else None
+    if named is not None and saved.__module__ == sb3_policies.__name__:
+        return named
+    raise ValueError(
+        f"{path} holds an SB3 SAC model with the policy class {saved!r}, which has no sb3_softac counterpart. Pass "
+        f"custom_objects={{'policy_class': ...}} with a subclass of {ours.__module__}.{ours.__qualname__} that "
+        "builds the same networks."
+    )
 
-    problems = [
-        f"policy_kwargs {key}={data['policy_kwargs'][key]!r}"
-        for key, default in _SOFTAC_ONLY_POLICY_KWARGS.items()
-        if data.get("policy_kwargs", {}).get(key, default) != default
-    ]
+
+def softac_archive_to_sb3(source: files.Destination, destination: files.Destination, algorithm: type) -> None:
+    """Write an sb3_softac archive as one that ``stable_baselines3.SAC.load`` reads, atomically.
+
+    :param source: the sb3_softac archive
+    :param destination: where to write the SB3 archive (named as ``save`` names it)
+    :param algorithm: the sb3_softac algorithm class that wrote it (its defaults say what SB3 can represent)
+    :raises ValueError: when the model uses an option that SB3's SAC does not have
+    """
+    contents = _read_contents(source, None)
+    data = contents.data
+    data["policy_class"] = check_sb3_can_represent(
+        data["policy_class"], data.get("policy_kwargs") or {}, data.get("action_space"), algorithm, data
+    )
+    for name in [*softac_only_defaults(algorithm, sb3.SAC), *_DERIVED_SOFTAC_ATTRIBUTES]:
+        data.pop(name, None)
+    data["policy_kwargs"] = _sb3_policy_kwargs(data.get("policy_kwargs") or {}, data["policy_class"])
+    softac_state = contents.params["policy"]
+    contents.params["policy"] = state_dict_to_sb3(softac_state)
+    if "critic.optimizer" in contents.params:
+        contents.params["critic.optimizer"] = _reindex_optimizer_state(
+            contents.params["critic.optimizer"],
+            _critic_optimizer_names(softac_state, contents.shared_extractor),
+            _critic_optimizer_names(contents.params["policy"], contents.shared_extractor),
+            _member_state,
+        )
+    # Our optimizers default to fused Adam; hand SB3 the implementation choice it makes itself.
+    for name in ("actor.optimizer", "critic.optimizer", "ent_coef_optimizer"):
+        for group in contents.params.get(name, {}).get("param_groups", []):
+            if group.get("fused"):
+                group["fused"] = None
+    files.write_atomically(destination, contents.write, suffix="zip")
+
+
+def check_sb3_can_represent(
+    policy_class: type,
+    policy_kwargs: Mapping[str, Any],
+    action_space: Any,
+    algorithm: type | None = None,
+    attributes: Mapping[str, Any] | None = None,
+) -> type:
+    """Find SB3's policy class for ours, or raise a ``ValueError`` naming each sb3_softac-only option in use.
+
+    :param policy_class: the sb3_softac policy class
+    :param policy_kwargs: the policy's keyword arguments (or all its constructor parameters)
+    :param action_space: the action space
+    :param algorithm: the sb3_softac algorithm class, to check ``attributes`` against (None: a policy alone)
+    :param attributes: the algorithm's saved attributes
+    :return: SB3's policy class of the same name
+    """
+    sb3_class = getattr(sb3_policies, policy_class.__name__, None)
+    problems = (
+        [] if policy_class.__module__ == SOFTAC + ".policies" and sb3_class else [f"the policy class {policy_class}"]
+    )
     problems += [
-        f"{key}={data[key]!r}" for key, default in _SOFTAC_ONLY_ATTRIBUTES.items() if data.get(key, default) != default
+        f"policy_kwargs {key}={policy_kwargs[key]!r}"
+        for key, default in softac_only_defaults(policy_class, sb3_policies.SACPolicy).items()
+        if policy_kwargs.get(key, default) != default
     ]
-    if isinstance(data.get("action_space"), spaces.Discrete):
-        problems.append(f"the {data['action_space']} action space")
-    if problems:
+    if algorithm is not None and attributes is not None:
+        problems += [
+            f"{key}={attributes[key]!r}"
+            for key, default in softac_only_defaults(algorithm, sb3.SAC).items()
+            if attributes.get(key, default) != default
+        ]
+    if isinstance(action_space, spaces.Discrete):
+        problems.append(f"the {action_space} action space")
+    if problems or sb3_class is None:
         raise ValueError(
             "This model cannot be written as a stable_baselines3.SAC checkpoint: SB3's SAC has no equivalent of "
             + ", ".join(problems)
-            + ". Train with those options at their defaults to exchange checkpoints with SB3."
+            + ". Train with those options at their defaults (and sb3_softac's own policy classes) to exchange "
+            "checkpoints with SB3."
         )
+    return sb3_class
 
 
-def sb3_archive_to_softac(path: str | pathlib.Path | io.BufferedIOBase) -> io.BytesIO:
-    """Convert an archive written by ``stable_baselines3.SAC.save`` into an sb3_softac archive, in memory.
+def _sb3_policy_kwargs(kwargs: Mapping[str, Any], sb3_policy_class: type) -> dict[str, Any]:
+    """``kwargs`` without the arguments that SB3's policy does not take (checked to be at their defaults)."""
+    return {key: value for key, value in kwargs.items() if key in _parameter_names(sb3_policy_class)}
 
-    Weights, optimizer states, the entropy coefficient and the training state carry over unchanged.
 
-    :param path: the SB3 archive
-    :return: the converted archive, ready for :meth:`sb3_softac.SAC.load`
+def _parameter_names(cls: type) -> set[str]:
+    return {
+        name
+        for klass in cls.__mro__
+        if "__init__" in vars(klass)
+        for name, parameter in inspect.signature(vars(klass)["__init__"]).parameters.items()
+        if parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Policy-only files (``policy.save`` / ``Policy.load``): ``torch.save({"state_dict": ..., "data": kwargs})``
+
+
+def policy_file_from_any(saved: Mapping[str, Any], source: Any) -> tuple[dict[str, Any], dict[str, th.Tensor]]:
+    """The constructor arguments and the state dict (in sb3_softac's layout) of a policy file of either library.
+
+    :param saved: what ``torch.load`` read from the file
+    :param source: the file, for messages
+    :raises ValueError: when the file is no policy file
     """
-    return _convert_archive(path, to_sb3=False)
+    if not (isinstance(saved, Mapping) and isinstance(saved.get("data"), dict) and "state_dict" in saved):
+        raise ValueError(
+            f"{source} is not a policy file written by policy.save() (a dict with 'state_dict' and 'data'). "
+            "For a whole model archive (.zip), use SAC.load."
+        )
+    state = saved["state_dict"]
+    if any(_SB3_CRITIC_KEY.match(key) for key in state):
+        state = state_dict_from_sb3(state, source=source)
+    return dict(saved["data"]), state
 
 
-def softac_archive_to_sb3(
-    source: str | pathlib.Path | io.BufferedIOBase, destination: str | pathlib.Path | io.BufferedIOBase
-) -> None:
-    """Write an sb3_softac archive as one that ``stable_baselines3.SAC.load`` reads.
+def policy_file_for_sb3(policy: Any) -> dict[str, Any]:
+    """What ``stable_baselines3.sac.policies.SACPolicy.load`` reads: SB3's constructor arguments and layout.
 
-    :param source: the sb3_softac archive
-    :param destination: where to write the SB3 archive
-    :raises ValueError: when the model uses an option that SB3's SAC does not have
+    :param policy: an sb3_softac ``SACPolicy``
+    :raises ValueError: naming each option SB3's policy does not have
     """
-    converted = _convert_archive(source, to_sb3=True)
-    # Named and created exactly as ``save`` does it (".zip" added only without a suffix, folders created).
-    file = open_path(destination, "w", verbose=0, suffix="zip")
-    try:
-        file.write(converted.getvalue())
-    finally:
-        if not isinstance(destination, io.BufferedIOBase):
-            file.close()
+    data = policy._get_constructor_parameters()
+    sb3_class = check_sb3_can_represent(type(policy), data, data["action_space"])
+    return {"state_dict": state_dict_to_sb3(policy.state_dict()), "data": _sb3_policy_kwargs(data, sb3_class)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Finite weights
+
+
+def _tensors(value: Any, name: str) -> Iterator[tuple[str, th.Tensor]]:
+    """Every tensor in a (nested) state dict, with a readable path."""
+    if isinstance(value, th.Tensor):
+        yield name, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _tensors(item, f"{name}[{key!r}]" if name else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{name}[{index}]")
+
+
+def check_finite(state_dicts: Mapping[str, Any], source: Any) -> None:
+    """Refuse weights that hold NaN or inf, naming the first such tensor.
+
+    :param state_dicts: state dicts and variables by the name of their file in the archive (``"policy"``, ...)
+    :param source: the archive, for the message
+    :raises ValueError: naming the file, the tensor and how many of its entries are not finite
+    """
+    for file_name, state in state_dicts.items():
+        for name, tensor in _tensors(state, ""):
+            if tensor.is_floating_point() and not (finite := th.isfinite(tensor)).all():
+                raise ValueError(
+                    f"{source} holds non-finite weights: {name} in {file_name}.pth has {int((~finite).sum())} NaN or "
+                    f"inf entries (of {tensor.numel()}). The model diverged before it was saved and would act on NaN: "
+                    "load an earlier checkpoint."
+                )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Replay buffers
+
+
+def check_replay_buffer_fits(buffer: Any, model: Any, source: Any) -> None:
+    """Refuse a replay buffer whose transitions do not fit the model's environment.
+
+    :param buffer: the loaded replay buffer
+    :param model: the algorithm it is for (its observation and action spaces and number of environments)
+    :param source: the file, for the message
+    :raises ValueError: naming what differs
+    """
+    expected = {
+        "observation shape": get_obs_shape(model.observation_space),
+        "action dimension": get_action_dim(model.action_space),
+        "number of environments": model.n_envs,
+    }
+    found = {
+        "observation shape": getattr(buffer, "obs_shape", None),
+        "action dimension": getattr(buffer, "action_dim", None),
+        "number of environments": getattr(buffer, "n_envs", None),
+    }
+    different = [f"{key} {found[key]} (the model's: {value})" for key, value in expected.items() if found[key] != value]
+    if different:
+        raise ValueError(
+            f"{source} holds a replay buffer that does not fit this model: its " + ", ".join(different) + ". It was "
+            "saved from another environment (or another number of parallel environments). Load the buffer saved with "
+            "this model, or train without one."
+        )

@@ -76,6 +76,17 @@ def _release(source: Any, file: Any, start: int) -> None:
 _DAMAGED = "use an earlier copy, or save the model again (a save that was interrupted, or a copy cut short, does this)"
 
 
+_LOCAL_HEADER_SIZE = 30
+
+
+def _first_member_name(head: bytes) -> str | None:
+    """The name in a zip's first local file header (the bytes a zip starts with); None when ``head`` is no zip."""
+    if len(head) < _LOCAL_HEADER_SIZE or head[:4] != b"PK\x03\x04":
+        return None
+    name_length = int.from_bytes(head[26:28], "little")
+    return head[_LOCAL_HEADER_SIZE : _LOCAL_HEADER_SIZE + name_length].decode("utf-8", "replace")
+
+
 def read_archive(path: files.Destination) -> Archive:
     """Open a model archive and check that it is whole, before anything is unpickled or built.
 
@@ -86,8 +97,7 @@ def read_archive(path: files.Destination) -> Archive:
     file = open_path(path, "r", verbose=0, suffix="zip")
     start = file.tell()
     try:
-        # Every zip starts with a local file header: a file that has one but does not open was cut or damaged.
-        is_zip = file.read(4) == b"PK\x03\x04"
+        first_member = _first_member_name(file.read(_LOCAL_HEADER_SIZE + 64))
         file.seek(start)
         try:
             with zipfile.ZipFile(file) as archive:
@@ -95,13 +105,19 @@ def read_archive(path: files.Destination) -> Archive:
                 members = frozenset(archive.namelist())
                 raw = archive.read("data") if "data" in members else None
         except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-            if is_zip:
+            if first_member is not None:
                 raise ValueError(f"{path} is a damaged or truncated zip archive ({error}): {_DAMAGED}.") from error
             raise ValueError(f"{path} is not a model saved by Stable-Baselines3 (no zip with 'data').") from error
     finally:
         _release(path, file, start)
     if damaged is not None:
         raise ValueError(f"{path} is damaged: its member {damaged!r} fails its checksum; {_DAMAGED}.")
+    if raw is None and first_member == "data":
+        # SB3 writes 'data' first. A cut archive can still open, through a weights file's own zip (torch.save
+        # writes zips, stored uncompressed inside), which then hides the members before it.
+        raise ValueError(
+            f"{path} is a truncated model archive (its end, with the zip's table of contents, is missing): {_DAMAGED}."
+        )
     if raw is None:
         raise ValueError(f"{path} is not a model saved by Stable-Baselines3 (no zip with 'data').")
     try:

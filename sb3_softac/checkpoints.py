@@ -16,6 +16,7 @@ import inspect
 import io
 import itertools
 import json
+import pickle
 import pickletools
 import re
 import warnings
@@ -382,17 +383,18 @@ def softac_only_defaults(ours: type, theirs: type) -> dict[str, Any]:
 _DERIVED_SOFTAC_ATTRIBUTES = ("qf_lr_schedule",)
 
 
-def legacy_settings(archive: Archive) -> dict[str, Any]:
+def legacy_settings(archive: Archive, given: Mapping[str, Any]) -> dict[str, Any]:
     """Settings that an archive from an older sb3_softac implied without saving them, with a warning for each.
 
     Before ``actor_q_reduction`` existed, ``critic_subset_size`` also made the actor maximise the mean of the
     critics (REDQ). Such an archive loads with ``actor_q_reduction="mean"``, its behaviour when saved.
 
     :param archive: an sb3_softac archive
+    :param given: the keyword arguments given to ``load``, which take precedence (and silence the warning)
     :return: keyword arguments for ``load``
     """
     data = archive.data
-    if data.get("critic_subset_size") is None or "actor_q_reduction" in data:
+    if data.get("critic_subset_size") is None or "actor_q_reduction" in data or "actor_q_reduction" in given:
         return {}
     warnings.warn(
         f"{archive.source} was saved before actor_q_reduction existed, when critic_subset_size="
@@ -693,9 +695,8 @@ def check_sb3_can_represent(
     :return: SB3's policy class of the same name
     """
     sb3_class = getattr(sb3_policies, policy_class.__name__, None)
-    problems = (
-        [] if policy_class.__module__ == SOFTAC + ".policies" and sb3_class else [f"the policy class {policy_class}"]
-    )
+    ours = policy_class.__module__ == SOFTAC + ".policies" and sb3_class is not None
+    problems = [] if ours else [f"the custom policy class {policy_class.__module__}.{policy_class.__qualname__}"]
     problems += [
         f"policy_kwargs {key}={policy_kwargs[key]!r}"
         for key, default in softac_only_defaults(policy_class, sb3_policies.SACPolicy).items()
@@ -738,21 +739,29 @@ def _parameter_names(cls: type) -> set[str]:
 # Policy-only files (``policy.save`` / ``Policy.load``): ``torch.save({"state_dict": ..., "data": kwargs})``
 
 
-def policy_file_from_any(saved: Mapping[str, Any], source: Any) -> tuple[dict[str, Any], dict[str, th.Tensor]]:
+def read_policy_file(path: files.Destination, device: th.device | str) -> tuple[dict[str, Any], dict[str, th.Tensor]]:
     """The constructor arguments and the state dict (in sb3_softac's layout) of a policy file of either library.
 
-    :param saved: what ``torch.load`` read from the file
-    :param source: the file, for messages
-    :raises ValueError: when the file is no policy file
+    The file is unpickled (``torch.load(weights_only=False)``, as SB3's ``BaseModel.load`` does).
+
+    :param path: the file written by ``policy.save``
+    :param device: where to put the tensors
+    :raises ValueError: when the file is no policy file, or holds NaN or inf weights
     """
+    not_a_policy = (
+        f"{path} is not a policy file written by policy.save() (a torch file of a dict with 'state_dict' and 'data')."
+        " For a whole model archive (.zip), use SAC.load."
+    )
+    try:
+        saved = th.load(path, map_location=device, weights_only=False)  # type: ignore[arg-type]
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{not_a_policy} ({error})") from error
     if not (isinstance(saved, Mapping) and isinstance(saved.get("data"), dict) and "state_dict" in saved):
-        raise ValueError(
-            f"{source} is not a policy file written by policy.save() (a dict with 'state_dict' and 'data'). "
-            "For a whole model archive (.zip), use SAC.load."
-        )
+        raise ValueError(not_a_policy)
     state = saved["state_dict"]
     if any(_SB3_CRITIC_KEY.match(key) for key in state):
-        state = state_dict_from_sb3(state, source=source)
+        state = state_dict_from_sb3(state, source=path)
+    check_finite({"state_dict": state}, path)
     return dict(saved["data"]), state
 
 

@@ -594,9 +594,7 @@ class SACPolicy(BasePolicy):
         :raises ValueError: when the file is no policy file, or holds NaN or inf weights
         """
         device = get_device(device)
-        saved = th.load(path, map_location=device, weights_only=False)  # type: ignore[arg-type]
-        kwargs, state = checkpoints.policy_file_from_any(saved, path)
-        checkpoints.check_finite({"state_dict": state}, path)
+        kwargs, state = checkpoints.read_policy_file(path, device)
         policy = cls(**kwargs)
         policy.load_state_dict(state)
         return policy.to(device)

@@ -483,7 +483,7 @@ class SAC(OffPolicyAlgorithm):
             # Converted in memory; its deserialised data is handed on whole, so nothing is unpickled twice.
             path, objects = checkpoints.sb3_archive_to_softac(path, cls.policy_aliases, objects)
         else:
-            kwargs = {**checkpoints.legacy_settings(archive), **kwargs}
+            kwargs = {**checkpoints.legacy_settings(archive, kwargs), **kwargs}
         model = super().load(
             path,
             env=env,

@@ -87,7 +87,7 @@ def setting_kwargs(setting: str, budget: EnvBudget, utd: int) -> dict[str, Any]:
         kwargs.update(gradient_steps=utd, policy_delay=utd)
     elif setting == "REDQ":
         policy_kwargs.update(n_critics=10)
-        kwargs.update(gradient_steps=utd, policy_delay=utd, critic_subset_size=2)
+        kwargs.update(gradient_steps=utd, policy_delay=utd, critic_subset_size=2, actor_q_reduction="mean")
     elif setting != "SAC":
         raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
     kwargs["policy_kwargs"] = policy_kwargs

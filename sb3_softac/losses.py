@@ -7,7 +7,13 @@ number of actions for discrete ones (Q of every action). For discrete policies, 
 expectations over actions are taken exactly (Christodoulou 2019, eqs. 10-12) instead of by sampling.
 """
 
+from typing import Literal
+
 import torch as th
+
+#: How the actor's objective reduces the critic ensemble (see :func:`reduce_critics`).
+CriticReduction = Literal["min", "mean"]
+CRITIC_REDUCTIONS: tuple[CriticReduction, ...] = ("min", "mean")
 
 
 def min_over_critics(q_values: th.Tensor, subset_size: int | None = None) -> th.Tensor:
@@ -24,6 +30,23 @@ def min_over_critics(q_values: th.Tensor, subset_size: int | None = None) -> th.
         subset = th.randperm(q_values.shape[0], device=q_values.device)[:subset_size]
         q_values = q_values.index_select(0, subset)
     return q_values.min(dim=0).values
+
+
+def reduce_critics(q_values: th.Tensor, reduction: CriticReduction) -> th.Tensor:
+    """The ensemble value the actor maximises: SAC's minimum, or REDQ's mean over all critics.
+
+    ``"min"`` is clipped double-Q (:func:`min_over_critics`), as in SAC's policy update; ``"mean"`` is the ensemble
+    average of REDQ's policy update (Chen et al. 2021, algorithm 1, line 10).
+
+    :param q_values: shape ``(n_critics, batch, k)``
+    :param reduction: ``"min"`` or ``"mean"``
+    :return: shape ``(batch, k)``
+    """
+    if reduction == "min":
+        return min_over_critics(q_values)
+    if reduction == "mean":
+        return q_values.mean(dim=0)
+    raise ValueError(f"reduction={reduction!r} is not one of {CRITIC_REDUCTIONS}.")
 
 
 def soft_state_value(

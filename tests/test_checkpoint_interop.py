@@ -7,10 +7,7 @@ over, and either library continues training from the converted file. The RL Zoo 
 """
 
 import io
-import os
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ import numpy as np
 import pytest
 import stable_baselines3 as sb3
 import torch as th
-from conftest import PointGoalEnv, VectorBoxEnv
+from envs import PointGoalEnv, VectorBoxEnv, make_sac, run_python
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_softac import SAC
@@ -64,14 +61,13 @@ def _make_env(factory: type[gym.Env], seed: int = 0) -> gym.Env:
 
 def _train(algo: type[BaseAlgorithm], config: str, steps: int = STEPS) -> BaseAlgorithm:
     policy, factory, policy_kwargs, kwargs = CONFIGS[config]
-    model = algo(
-        policy,
+    model = make_sac(
         _make_env(factory),
+        policy,
+        algo,
         learning_starts=LEARNING_STARTS,
-        batch_size=32,
         buffer_size=1_000,
         policy_kwargs=dict(net_arch=NET, **policy_kwargs),
-        seed=0,
         **kwargs,
     )
     return model.learn(steps)
@@ -399,22 +395,13 @@ def test_loading_another_algorithm_names_what_the_archive_holds(
 ZOO_STEPS = 300
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
-    result = subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240, check=False
-    )
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def zoo_sac_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of ``python -m rl_zoo3.train --algo sac``: ``<folder>/sac/Pendulum-v1_1/Pendulum-v1.zip``."""
     folder = tmp_path_factory.mktemp("zoo")
     # rl_zoo3.train flags: -n timesteps, -f log folder, -params overrides of the packaged hyperparameters.
-    _run(
-        [
+    run_python(
+        *[
             "-m",
             "rl_zoo3.train",
             "--algo",
@@ -463,7 +450,7 @@ def test_zoo_enjoys_a_checkpoint_written_by_save_as_sb3(tmp_path: Path) -> None:
     run.mkdir(parents=True)
     ours.save_as_sb3(run / "Pendulum-v1.zip")
     args = ["--algo", "sac", "--env", "Pendulum-v1", "-f", str(tmp_path), "--exp-id", "1", "-n", "50", "--no-render"]
-    result = _run(["-m", "rl_zoo3.enjoy", *args], cwd=tmp_path)
+    result = run_python("-m", "rl_zoo3.enjoy", *args, cwd=tmp_path)
     assert "Loading" in result.stdout
 
 
@@ -472,5 +459,5 @@ def test_our_zoo_enjoys_an_sb3_trained_checkpoint(tmp_path: Path, zoo_sac_run: P
     run.mkdir(parents=True)
     (run / "Pendulum-v1.zip").write_bytes(zoo_sac_run.read_bytes())
     args = ["--algo", "softac", "--env", "Pendulum-v1", "-f", str(tmp_path), "--exp-id", "1", "-n", "50", "--no-render"]
-    result = _run(["-m", "sb3_softac.zoo", "enjoy", *args], cwd=tmp_path)
+    result = run_python("-m", "sb3_softac.zoo", "enjoy", *args, cwd=tmp_path)
     assert "Loading" in result.stdout

@@ -3,7 +3,7 @@
 import gymnasium as gym
 import numpy as np
 import torch as th
-from conftest import PointGoalEnv
+from envs import PointGoalEnv
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.monitor import Monitor
 

@@ -23,7 +23,7 @@ import warnings
 import zipfile
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -573,6 +573,21 @@ def _member_state(name: str, by_name: dict[str, dict[str, Any]]) -> dict[str, An
         key: critic_tensor_to_sb3(match["kind"], value)[member] if key != "step" else value
         for key, value in stacked.items()
     }
+
+
+def keep_built_implementation(optimizers: Iterable[th.optim.Optimizer]) -> None:
+    """Give each optimizer back the fused implementation it was built with, after loading a state into it.
+
+    ``load_state_dict`` takes every key of the saved param groups, ``fused`` included. An SB3 archive says None
+    (SB3 builds plain Adam), which would switch our fused optimizers to the per-tensor loop: slower, and unable to
+    take the non-finite guard's ``found_inf``. PyTorch records a fused build in ``_step_supports_amp_scaling``.
+
+    :param optimizers: the loaded model's optimizers
+    """
+    for optimizer in optimizers:
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            for group in optimizer.param_groups:
+                group.update(fused=True, foreach=None)  # fused and foreach exclude each other
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import recursive_getattr
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, ReplayBufferSamples, Schedule
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from torch import nn
@@ -578,11 +579,13 @@ class SAC(OffPolicyAlgorithm):
             force_reset=force_reset,
             **kwargs,
         )
-        _, variables = model._get_torch_save_params()
+        state_dicts, variables = model._get_torch_save_params()
         checkpoints.check_finite(
             {**model.get_parameters(), "pytorch_variables": {name: getattr(model, name) for name in variables}},
             archive.source,
         )
+        optimizers = (recursive_getattr(model, name) for name in state_dicts)
+        checkpoints.keep_built_implementation(opt for opt in optimizers if isinstance(opt, th.optim.Optimizer))
         return model
 
     def save(

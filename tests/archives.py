@@ -10,15 +10,16 @@ from typing import Any
 import cloudpickle
 import gymnasium as gym
 import numpy as np
+from envs import make_sac
 
 NET = [16]
 
 
 def tiny_model(algo: type, env_id: str = "Pendulum-v1", steps: int = 40, **kwargs: Any) -> Any:
-    """A model of ``algo`` trained for a few steps (so that optimizer states exist)."""
+    """A model of ``algo`` (made by :func:`envs.make_sac`) trained for a few steps, so that optimizer states exist."""
     kwargs.setdefault("policy_kwargs", dict(net_arch=NET))
-    model = algo("MlpPolicy", gym.make(env_id), learning_starts=20, batch_size=16, buffer_size=200, seed=0, **kwargs)
-    return model.learn(steps)
+    kwargs = dict(dict(learning_starts=20, batch_size=16, buffer_size=200), **kwargs)
+    return make_sac(gym.make(env_id), algo=algo, **kwargs).learn(steps)
 
 
 def observations(env_id: str = "Pendulum-v1", n: int = 16) -> np.ndarray:

@@ -16,6 +16,7 @@ import stable_baselines3 as sb3
 import torch as th
 from archives import actions, observations, rewrite_archive, tiny_model
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_softac import SAC
 
@@ -171,8 +172,6 @@ def test_a_replay_buffer_of_another_environment_is_refused_at_load(
 ) -> None:
     source = tiny_model(SAC)
     source.save_replay_buffer(tmp_path / "buffer")
-    from stable_baselines3.common.env_util import make_vec_env
-
     model = SAC("MlpPolicy", make_vec_env(env_id, n_envs=n_envs), policy_kwargs=dict(net_arch=[8]), seed=0)
     own_buffer = model.replay_buffer
     with pytest.raises(ValueError, match=named) as info:

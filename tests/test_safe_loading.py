@@ -15,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import stable_baselines3 as sb3
+import torch as th
 from archives import actions, observations, pickled_keys, plant_payloads, rewrite_archive, tiny_model
 from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 
@@ -112,8 +113,6 @@ def test_weights_only_reads_train_freq_in_episodes(tmp_path: Path) -> None:
 
 
 def test_weights_only_reads_classes_in_policy_kwargs_from_trusted_modules(tmp_path: Path) -> None:
-    import torch as th
-
     model = tiny_model(SAC, policy_kwargs=dict(net_arch=[16], activation_fn=th.nn.Tanh, optimizer_class=th.optim.AdamW))
     model.save(tmp_path / "model.zip")
     assert "policy_kwargs" in pickled_keys(tmp_path / "model.zip")

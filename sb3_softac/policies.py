@@ -26,7 +26,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from stable_baselines3.common.utils import get_device
 from torch import nn
 
-from sb3_softac import checkpoints, files
+from sb3_softac import archives, checkpoints, files
 from sb3_softac.distributions import (
     LOG_STD_MAX,
     LOG_STD_MIN,
@@ -563,7 +563,7 @@ class SACPolicy(BasePolicy):
         self.critic.set_training_mode(mode)
         self.training = mode
 
-    # Policy-only files, as SB3's ``policy.save`` / ``Policy.load`` (the conversions live in checkpoints.py).
+    # Policy-only files, as SB3's ``policy.save`` / ``Policy.load`` (read by archives.py, converted by checkpoints.py).
 
     def save(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
         """Save the policy alone (its constructor arguments and weights), atomically.
@@ -594,7 +594,7 @@ class SACPolicy(BasePolicy):
         :raises ValueError: when the file is no policy file, or holds NaN or inf weights
         """
         device = get_device(device)
-        kwargs, state = checkpoints.read_policy_file(path, device)
+        kwargs, state = archives.read_policy_file(path, device)
         policy = cls(**kwargs)
         policy.load_state_dict(state)
         return policy.to(device)

@@ -19,7 +19,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, ReplayB
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from torch import nn
 
-from sb3_softac import checkpoints, files
+from sb3_softac import archives, checkpoints, files
 from sb3_softac.losses import (
     CRITIC_REDUCTIONS,
     CriticReduction,
@@ -556,20 +556,20 @@ class SAC(OffPolicyAlgorithm):
             JSON, the rest from ``custom_objects``; an entry with no such substitute is refused, naming what to
             pass. For files you did not write.
         """
-        archive = checkpoints.read_archive(path)
+        archive = archives.read_archive(path)
         objects = dict(custom_objects or {})
-        origin = checkpoints.saved_policy_origin(archive)
+        origin = archives.saved_policy_origin(archive)
         if weights_only:
             spaces_of_env = None
             if env is not None:
                 env = cls._wrap_env(env, archive.data.get("verbose", 0))
                 spaces_of_env = (env.observation_space, env.action_space)
-            objects = checkpoints.weights_only_objects(archive, cls.policy_aliases, spaces_of_env, objects)
-        if origin == checkpoints.SB3:
+            objects = archives.weights_only_objects(archive, cls.policy_aliases, spaces_of_env, objects)
+        if origin == archives.SB3:
             # Converted in memory; its deserialised data is handed on whole, so nothing is unpickled twice.
             path, objects = checkpoints.sb3_archive_to_softac(path, cls.policy_aliases, objects)
         else:
-            kwargs = {**checkpoints.legacy_settings(archive, kwargs), **kwargs}
+            kwargs = {**archives.legacy_settings(archive, kwargs), **kwargs}
         model = super().load(
             path,
             env=env,
@@ -580,7 +580,7 @@ class SAC(OffPolicyAlgorithm):
             **kwargs,
         )
         state_dicts, variables = model._get_torch_save_params()
-        checkpoints.check_finite(
+        archives.check_finite(
             {**model.get_parameters(), "pytorch_variables": {name: getattr(model, name) for name in variables}},
             archive.source,
         )
@@ -636,7 +636,7 @@ class SAC(OffPolicyAlgorithm):
         previous = self.replay_buffer
         super().load_replay_buffer(path, truncate_last_traj)
         try:
-            checkpoints.check_replay_buffer_fits(self.replay_buffer, self, path)
+            archives.check_replay_buffer_fits(self.replay_buffer, self, path)
         except ValueError:
             self.replay_buffer = previous
             raise

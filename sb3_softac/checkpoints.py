@@ -63,6 +63,9 @@ def softac_only_defaults(ours: type, theirs: type) -> dict[str, Any]:
     }
 
 
+# sb3_softac-only arguments that choose how the update is computed, not what it computes: with any value the model
+# is SB3's SAC (they are dropped for SB3 like the others, never refused).
+_IMPLEMENTATION_CHOICES = ("update_engine",)
 # Attributes that SAC._setup_model derives from sb3_softac-only arguments (dropped with them).
 _DERIVED_SOFTAC_ATTRIBUTES = ("qf_lr_schedule",)
 
@@ -381,7 +384,7 @@ def check_sb3_can_represent(
         problems += [
             f"{key}={attributes[key]!r}"
             for key, default in softac_only_defaults(algorithm, sb3.SAC).items()
-            if attributes.get(key, default) != default
+            if key not in _IMPLEMENTATION_CHOICES and attributes.get(key, default) != default
         ]
     if isinstance(action_space, spaces.Discrete):
         problems.append(f"the {action_space} action space")

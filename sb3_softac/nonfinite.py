@@ -53,8 +53,12 @@ def skips_on_flag(optimizer: th.optim.Optimizer) -> bool:
     PyTorch's fused optimizers (``Adam``, ``AdamW``, ``SGD``, ``Adagrad`` with ``fused=True``) declare it with
     ``_step_supports_amp_scaling``, the attribute ``torch.amp.GradScaler`` relies on: the kernel reads
     ``found_inf`` on the device, does nothing when it is 1, and takes back its increment of the step count.
+    The attribute is set at construction, but the step follows each parameter group's ``fused`` option, which
+    ``load_state_dict`` may have turned off (a state saved by a non-fused optimizer): every group must be fused.
     """
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
 
 
 def guarded_step(optimizer: th.optim.Optimizer, flag: th.Tensor) -> None:
@@ -87,6 +91,7 @@ def guarded_step(optimizer: th.optim.Optimizer, flag: th.Tensor) -> None:
     }
     optimizer.step()
     skip = flag.bool()
+    skip_on = {skip.device: skip}  # one copy of the flag per device that holds optimizer state
     with th.no_grad():
         for param, saved in zip(params, saved_params, strict=True):
             param.copy_(th.where(skip, saved, param))
@@ -94,8 +99,10 @@ def guarded_step(optimizer: th.optim.Optimizer, flag: th.Tensor) -> None:
             before = saved_state.get(param, {})
             for key, value in optimizer.state[param].items():
                 if isinstance(value, th.Tensor):
-                    old = before.get(key, th.zeros_like(value))
-                    value.copy_(th.where(skip.to(value.device), old, value))
+                    old = before[key] if key in before else th.zeros_like(value)
+                    if value.device not in skip_on:
+                        skip_on[value.device] = skip.to(value.device)
+                    value.copy_(th.where(skip_on[value.device], old, value))
 
 
 def guarded_lerp_(

@@ -20,6 +20,7 @@ from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name
 from torch import nn
 
 from sb3_softac import archives, checkpoints, files
+from sb3_softac.engine import UPDATE_ENGINES, UpdateEngine, minibatch, unsupported_reason
 from sb3_softac.losses import (
     CRITIC_REDUCTIONS,
     CriticReduction,
@@ -34,13 +35,12 @@ from sb3_softac.losses import (
 )
 from sb3_softac.nonfinite import flag_nonfinite, guarded_copy_, guarded_lerp_, guarded_step, new_flag
 from sb3_softac.policies import (
-    Actor,
-    CategoricalActor,
     CnnPolicy,
     Critic,
     MlpPolicy,
     MultiInputPolicy,
     PolicySample,
+    SACActor,
     SACPolicy,
 )
 
@@ -92,16 +92,19 @@ def _parse_ent_coef(ent_coef: str | float) -> tuple[bool, float]:
     return False, value
 
 
-def _parse_target_entropy(target_entropy: str | float, action_space: spaces.Space) -> float:
+def _parse_target_entropy(target_entropy: str | float, policy: SACPolicy) -> float:
     """Read ``target_entropy``, a number or ``"auto"``.
 
     ``"auto"`` is ``-dim(A)`` for continuous actions (SAC paper, section 5) and
     ``DISCRETE_TARGET_ENTROPY_SCALE * log|A|`` for discrete ones.
+
+    :param target_entropy: the constructor's argument
+    :param policy: the policy, which knows whether its actions are discrete
     """
     if isinstance(target_entropy, str) and target_entropy == "auto":
-        if isinstance(action_space, spaces.Discrete):
-            return DISCRETE_TARGET_ENTROPY_SCALE * float(np.log(action_space.n))
-        return -float(np.prod(action_space.shape or ()))
+        # The flat size of a Discrete space is its number of actions |A|, that of a Box its dimension.
+        size = spaces.flatdim(policy.action_space)
+        return DISCRETE_TARGET_ENTROPY_SCALE * float(np.log(size)) if policy.discrete_actions else -float(size)
     if not isinstance(target_entropy, bool):
         with contextlib.suppress(TypeError, ValueError):
             value = float(target_entropy)
@@ -164,6 +167,8 @@ class SAC(OffPolicyAlgorithm):
         SAC does. It changes the target only: REDQ's actor also needs ``actor_q_reduction="mean"``
     :param actor_q_reduction: how the actor's objective reduces the critics: ``"min"`` (SAC) or ``"mean"``
         of all critics (REDQ's policy update)
+    :param update_engine: ``"auto"`` runs the update through the autograd-free :mod:`sb3_softac.engine` where it
+        covers the configuration (``update_path`` says which path runs), ``"autograd"`` always uses autograd
     :param _init_setup_model: whether to build the networks on creation
     """
 
@@ -173,7 +178,7 @@ class SAC(OffPolicyAlgorithm):
         "MultiInputPolicy": MultiInputPolicy,
     }
     policy: SACPolicy
-    actor: Actor | CategoricalActor
+    actor: SACActor
     critic: Critic
     critic_target: Critic
     #: The non-finite flag of the running ``train()`` call, a float32 scalar on the device (see
@@ -217,6 +222,7 @@ class SAC(OffPolicyAlgorithm):
         qf_learning_rate: float | Schedule | None = None,
         critic_subset_size: int | None = None,
         actor_q_reduction: CriticReduction = "min",
+        update_engine: str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
         if isinstance(policy, type) and not issubclass(policy, SACPolicy):
@@ -253,6 +259,11 @@ class SAC(OffPolicyAlgorithm):
             raise ValueError(
                 f"actor_q_reduction={actor_q_reduction!r} is not valid: give 'min' (SAC: the actor maximises the "
                 "minimum over the critics) or 'mean' (REDQ: the mean of all critics)."
+            )
+        if update_engine not in UPDATE_ENGINES:
+            raise ValueError(
+                f"update_engine={update_engine!r} is not one of {UPDATE_ENGINES}: 'auto' uses the fast autograd-free "
+                "update wherever it applies, 'autograd' always uses autograd."
             )
         super().__init__(
             policy,
@@ -294,6 +305,7 @@ class SAC(OffPolicyAlgorithm):
         self.qf_learning_rate = qf_learning_rate
         self.critic_subset_size = critic_subset_size
         self.actor_q_reduction = actor_q_reduction
+        self.update_engine = update_engine
         self.log_ent_coef: th.Tensor | None = None
         self.ent_coef_optimizer: th.optim.Optimizer | None = None
         self.ent_coef_tensor: th.Tensor | None = None
@@ -304,9 +316,9 @@ class SAC(OffPolicyAlgorithm):
     def _setup_model(self) -> None:
         # Read before the replay buffer and the networks are allocated, so that a bad value fails fast.
         learned, value = _parse_ent_coef(self.ent_coef)
-        self.target_entropy = _parse_target_entropy(self.target_entropy, self.action_space)
         super()._setup_model()
         self._create_aliases()
+        self.target_entropy = _parse_target_entropy(self.target_entropy, self.policy)
         n_critics = self.critic.n_critics
         if self.critic_subset_size is not None and self.critic_subset_size > n_critics:
             raise ValueError(
@@ -324,6 +336,30 @@ class SAC(OffPolicyAlgorithm):
             self.ent_coef_optimizer = th.optim.Adam([self.log_ent_coef], lr=self.lr_schedule(1), fused=True)
         else:
             self.ent_coef_tensor = th.tensor(value, device=self.device)
+        self._select_update_path()
+
+    def _select_update_path(self) -> None:
+        """Set ``update_path``: ``"engine"`` (autograd-free) where it covers the model, else ``"autograd"``."""
+        reason = unsupported_reason(self) if self.update_engine == "auto" else "update_engine='autograd'"
+        self.update_path = "engine" if reason is None else "autograd"
+        self._engine = UpdateEngine()
+        if self.verbose >= 1:
+            print(f"SAC update path: {self.update_path}" + ("" if reason is None else f" ({reason})"))
+
+    def _refresh_update_path(self) -> None:
+        """Before each ``train`` call: bind the engine to the model as it is now, or fall back to autograd.
+
+        A model changed since it was built (an optimizer replaced, a hook registered) may leave the engine's
+        coverage, and come back into it; each change of path is reported.
+        """
+        reason = self._engine.begin(self)
+        path = "engine" if reason is None else "autograd"
+        if path != self.update_path:
+            if reason is not None:
+                warnings.warn(f"SAC update path: autograd from now on ({reason}).", stacklevel=3)
+            elif self.verbose >= 1:
+                print("SAC update path: engine from now on")
+        self.update_path = path
 
     def _create_aliases(self) -> None:
         self.actor = self.policy.actor
@@ -362,16 +398,21 @@ class SAC(OffPolicyAlgorithm):
         critic_stats: list[th.Tensor] = []
         actor_stats: list[th.Tensor] = []
         actor_steps: list[int] = []
-        for step in range(gradient_steps):
-            replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
-            n_update = self._n_updates + step
-            critic_row, actor_row = self._gradient_step(replay_data, update_actor=n_update % self.policy_delay == 0)
-            critic_stats.append(critic_row)
-            if actor_row is not None:
-                actor_stats.append(actor_row)
-                actor_steps.append(step)
-            if n_update % self.target_update_interval == 0:
-                self._update_target_critics()
+        if self.update_engine == "auto":
+            self._refresh_update_path()
+        if self.update_path == "engine":
+            self._engine_steps(gradient_steps, batch_size, critic_stats, actor_stats, actor_steps)
+        else:
+            for step in range(gradient_steps):
+                replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+                n_update = self._n_updates + step
+                critic_row, actor_row = self._gradient_step(replay_data, update_actor=n_update % self.policy_delay == 0)
+                critic_stats.append(critic_row)
+                if actor_row is not None:
+                    actor_stats.append(actor_row)
+                    actor_steps.append(step)
+                if n_update % self.target_update_interval == 0:
+                    self._update_target_critics()
 
         # The one host sync of the call.
         parts = [th.stack(rows).flatten() for rows in (critic_stats, actor_stats) if rows]
@@ -383,6 +424,33 @@ class SAC(OffPolicyAlgorithm):
         self._raise_if_nonfinite(critic, actor, actor_steps)
         self._record_stats(critic, actor)
         self._n_updates += gradient_steps
+
+    def _engine_steps(
+        self,
+        gradient_steps: int,
+        batch_size: int,
+        critic_stats: list[th.Tensor],
+        actor_stats: list[th.Tensor],
+        actor_steps: list[int],
+    ) -> None:
+        """The gradient steps of one ``train`` call through the autograd-free engine (see :meth:`train`).
+
+        All the call's minibatches are drawn at once, as SBX does (with one environment the replay buffer then
+        draws the same indices as ``gradient_steps`` separate draws).
+        """
+        samples = self.replay_buffer.sample(batch_size * gradient_steps, env=self._vec_normalize_env)  # type: ignore[union-attr]
+        for step in range(gradient_steps):
+            n_update = self._n_updates + step
+            critic_row, actor_row = self._engine.gradient_step(
+                self,
+                minibatch(samples, step, batch_size),
+                update_actor=n_update % self.policy_delay == 0,
+                update_target=n_update % self.target_update_interval == 0,
+            )
+            critic_stats.append(critic_row)
+            if actor_row is not None:
+                actor_stats.append(actor_row)
+                actor_steps.append(step)
 
     def _gradient_step(
         self, replay_data: ReplayBufferSamples, update_actor: bool
@@ -642,7 +710,15 @@ class SAC(OffPolicyAlgorithm):
             raise
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "actor", "critic", "critic_target", "_nonfinite"]
+        return [
+            *super()._excluded_save_params(),
+            "actor",
+            "critic",
+            "critic_target",
+            "_nonfinite",
+            "update_path",
+            "_engine",
+        ]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         state_dicts = ["policy", "actor.optimizer", "critic.optimizer"]

@@ -18,6 +18,7 @@ from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_softac
@@ -154,6 +155,23 @@ def make_sac(
     kwargs.setdefault("seed", 0)
     kwargs.setdefault("policy_kwargs", dict(SMALL_NET))
     return algo(policy, VectorBoxEnv() if env is None else env, **kwargs)
+
+
+def filled_sac(filled: int, env: gym.Env | VecEnv | str | None = None, **kwargs: Any) -> BaseAlgorithm:
+    """A tiny model (:func:`make_sac`) whose replay buffer holds ``filled`` transitions and which has made no update
+    yet, with a silent logger, ready for direct ``train()`` calls.
+
+    :param filled: transitions to collect (``learning_starts`` defaults to it, so that no update happens)
+    :param env: as for :func:`make_sac`
+    :param kwargs: as for :func:`make_sac`
+    :return: the model
+    """
+    kwargs.setdefault("learning_starts", filled)
+    model = make_sac(env, **kwargs)
+    model.learn(filled)
+    assert model._n_updates == 0 and model.replay_buffer.size() == filled
+    model.set_logger(Logger(None, []))
+    return model
 
 
 class Recorder(BaseCallback):

@@ -8,6 +8,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.logger import Logger
 
+import sb3_softac.engine
 import sb3_softac.sac
 from sb3_softac import SAC
 from sb3_softac.losses import reduce_critics
@@ -41,7 +42,10 @@ def _constant_critics(model: SAC) -> None:
         last.bias.copy_(th.tensor(_CRITIC_VALUES).reshape(-1, 1, 1).expand_as(last.bias))
 
 
-@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+# Continuous actions through both update paths (the engine where "auto" picks it), discrete ones through autograd.
+@pytest.mark.parametrize(
+    ("env_id", "update_engine"), [("Pendulum-v1", "autograd"), ("Pendulum-v1", "auto"), ("CartPole-v1", "auto")]
+)
 @pytest.mark.parametrize(
     ("critic_subset_size", "actor_q_reduction", "expected_actor_loss"),
     [
@@ -53,6 +57,7 @@ def _constant_critics(model: SAC) -> None:
 )
 def test_actor_loss_uses_the_named_reduction(
     env_id: str,
+    update_engine: str,
     critic_subset_size: int | None,
     actor_q_reduction: str,
     expected_actor_loss: float,
@@ -69,9 +74,11 @@ def test_actor_loss_uses_the_named_reduction(
         qf_learning_rate=0.0,
         critic_subset_size=critic_subset_size,
         actor_q_reduction=actor_q_reduction,
+        update_engine=update_engine,
         policy_kwargs=dict(net_arch=[16], n_critics=3),
         seed=0,
     )
+    assert model.update_path == ("engine" if (env_id, update_engine) == ("Pendulum-v1", "auto") else "autograd")
     model.learn(64)
     _constant_critics(model)
     model.set_logger(Logger(None, []))
@@ -83,6 +90,7 @@ def test_actor_loss_uses_the_named_reduction(
         return original(*args)
 
     monkeypatch.setattr(sb3_softac.sac, "min_over_critics", spy)
+    monkeypatch.setattr(sb3_softac.engine, "min_over_critics", spy)  # the update engine's target calls it too
     model.train(4, 32)
     assert model.logger.name_to_value["train/actor_loss"] == pytest.approx(expected_actor_loss, abs=1e-6)
     # The target's reduction is the subset minimum alone, whatever the actor does.

@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
-from envs import VectorBoxEnv, make_sac
+from envs import VectorBoxEnv, filled_sac
 from gymnasium import spaces
 from stable_baselines3.common.logger import Logger
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import sb3_softac.engine
 import sb3_softac.sac
 from sb3_softac import SAC
 from sb3_softac.networks import EnsembleLayerNorm, EnsembleLinear
@@ -29,11 +30,7 @@ def _model(learning_starts: int = 64, net_arch: list[int] | None = None, **kwarg
     has been made yet), with a silent logger."""
     policy_kwargs = dict(net_arch=net_arch or [32, 32])
     policy_kwargs.update(kwargs.pop("policy_kwargs", {}))
-    model = make_sac(learning_starts=learning_starts, batch_size=32, policy_kwargs=policy_kwargs, **kwargs)
-    model.learn(learning_starts)
-    assert model._n_updates == 0 and model.replay_buffer.size() == learning_starts
-    model.set_logger(Logger(None, []))
-    return model
+    return filled_sac(learning_starts, batch_size=32, policy_kwargs=policy_kwargs, **kwargs)
 
 
 def _batch(model: SAC, size: int = 32) -> tuple[th.Tensor, th.Tensor]:
@@ -52,7 +49,7 @@ def _set_constant_outputs(q_networks: nn.Module) -> None:
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict, Any]]:
-    """Record every call of ``sb3_softac.sac.<name>`` (arguments and result) while still running it."""
+    """Record every call of ``sb3_softac.sac.<name>`` (and the engine's) with arguments and result, still running it."""
     calls: list[tuple[tuple, dict, Any]] = []
     original: Callable = getattr(sb3_softac.sac, name)
 
@@ -62,6 +59,8 @@ def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict, 
         return result
 
     monkeypatch.setattr(sb3_softac.sac, name, spy)
+    if hasattr(sb3_softac.engine, name):  # the update engine computes its forward values with the same functions
+        monkeypatch.setattr(sb3_softac.engine, name, spy)
     return calls
 
 
@@ -74,7 +73,7 @@ def test_dropout_is_active_in_training_mode_only() -> None:
     model = _model(policy_kwargs=dict(dropout_rate=0.1))
     obs, actions = _batch(model)
     critic = model.critic
-    assert sum(isinstance(m, nn.Dropout) for m in critic.q_networks) == 2  # one per hidden layer
+    assert sum(isinstance(m, nn.Dropout) for m in critic.q_networks.layers) == 2  # one per hidden layer
     with th.no_grad():
         critic.set_training_mode(True)
         train_1, train_2 = critic.q_values(obs, actions), critic.q_values(obs, actions)
@@ -108,11 +107,11 @@ def test_target_critic_keeps_dropout_active() -> None:
 
 def test_layer_norm_normalises_hidden_activations() -> None:
     model = _model(net_arch=[32, 24], policy_kwargs=dict(layer_norm=True))
-    norms = [m for m in model.critic.q_networks if isinstance(m, EnsembleLayerNorm)]
+    norms = [m for m in model.critic.q_networks.layers if isinstance(m, EnsembleLayerNorm)]
     assert len(norms) == 2
     assert not any(isinstance(m, EnsembleLayerNorm) for m in model.actor.modules())  # critics only
     # Order in each hidden layer: linear -> layer norm -> activation (DroQ, without dropout here).
-    kinds = [type(m).__name__ for m in model.critic.q_networks]
+    kinds = [type(m).__name__ for m in model.critic.q_networks.layers]
     assert kinds == ["EnsembleLinear", "EnsembleLayerNorm", "ReLU"] * 2 + ["EnsembleLinear"]
     outputs: list[th.Tensor] = []
     handles = [norm.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach())) for norm in norms]
@@ -336,7 +335,9 @@ def test_defaults_build_plain_sac(action_space: str) -> None:
     for network in (model.critic, model.critic_target, model.actor):
         kinds = {type(m) for m in network.modules()}
         assert not kinds & {nn.Dropout, EnsembleLayerNorm, nn.LayerNorm, nn.BatchNorm1d}
-    assert [type(m).__name__ for m in model.critic.q_networks] == ["EnsembleLinear", "ReLU"] * 2 + ["EnsembleLinear"]
+    assert [type(m).__name__ for m in model.critic.q_networks.layers] == ["EnsembleLinear", "ReLU"] * 2 + [
+        "EnsembleLinear"
+    ]
     # The critics' optimizer uses learning_rate.
     assert model.critic.optimizer.param_groups[0]["lr"] == model.actor.optimizer.param_groups[0]["lr"] == 3e-4
 

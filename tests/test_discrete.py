@@ -176,8 +176,8 @@ def test_one_gradient_step_by_hand() -> None:
     w_t, b_t = rng.normal(size=(2, 2, 3)), rng.normal(size=(2, 1, 3))
     _set(model.actor.logits.weight, w_pi)
     _set(model.actor.logits.bias, b_pi)
-    (q_layer,) = model.critic.q_networks
-    (t_layer,) = model.critic_target.q_networks
+    (q_layer,) = model.critic.q_networks.layers
+    (t_layer,) = model.critic_target.q_networks.layers
     _set(q_layer.weight, w_q)
     _set(q_layer.bias, b_q)
     _set(t_layer.weight, w_t)

@@ -1,6 +1,6 @@
 """A non-finite update never reaches the weights: at the ``FloatingPointError`` the model (weights, target weights,
 entropy coefficient, optimizer states) is the last finite state, on the device-side path that fused optimizers take
-and on the restoring path of any other optimizer."""
+and on the restoring path of any other optimizer, through the autograd update and the update engine alike."""
 
 import copy
 from collections import Counter
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
-from stable_baselines3.common.logger import Logger
+from envs import filled_sac
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -26,20 +26,23 @@ OPTIMIZERS = {
 }
 
 
-def _model(optimizer: str = "fused-adam", ent_coef: str | float = "auto") -> SAC:
+# The two update paths of ``SAC.train``: autograd, and the autograd-free engine that "auto" picks for these models.
+PATHS = {"autograd": "autograd", "engine": "auto"}
+# The engine steps Adam only: with another optimizer "auto" runs the autograd update, covered above.
+CASES = [(optimizer, path) for optimizer in OPTIMIZERS for path in PATHS if (optimizer, path) != ("rmsprop", "engine")]
+
+
+def _model(optimizer: str = "fused-adam", ent_coef: str | float = "auto", path: str = "autograd") -> SAC:
     """A model whose buffer holds 64 transitions and whose optimizers have taken two finite steps."""
-    model = SAC(
-        "MlpPolicy",
+    model = filled_sac(
+        64,
         "Pendulum-v1",
-        learning_starts=64,
-        batch_size=32,
         ent_coef=ent_coef,
+        update_engine=PATHS[path],
         policy_kwargs=dict(net_arch=[16, 16], **OPTIMIZERS[optimizer]),
-        seed=0,
     )
-    model.learn(64)
-    model.set_logger(Logger(None, []))
     model.train(2, 32)
+    assert model.update_path == path
     return model
 
 
@@ -77,10 +80,12 @@ def _poison_sample(model: SAC, bad_call: int) -> None:
 
     def sample(batch_size: int, env: Any = None) -> ReplayBufferSamples:
         data = original(batch_size, env)
-        calls[0] += 1
-        if calls[0] == bad_call:
+        # The update engine draws all the minibatches of a train() call at once: count minibatches, not calls.
+        first = calls[0]
+        calls[0] += batch_size // model.batch_size
+        if first < bad_call <= calls[0]:
             rewards = data.rewards.clone()
-            rewards[0] = float("nan")
+            rewards[(bad_call - first - 1) * model.batch_size] = float("nan")
             data = data._replace(rewards=rewards)
         return data
 
@@ -93,10 +98,10 @@ def _seed(seed: int) -> None:
     th.manual_seed(seed)
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize(("optimizer", "path"), CASES)
 @pytest.mark.parametrize("ent_coef", ["auto", 0.1])
-def test_nan_in_first_step_leaves_the_state_before_the_call(optimizer: str, ent_coef: str | float) -> None:
-    model = _model(optimizer, ent_coef)
+def test_nan_in_first_step_leaves_the_state_before_the_call(optimizer: str, ent_coef: str | float, path: str) -> None:
+    model = _model(optimizer, ent_coef, path)
     before = _state(model)
     n_updates = model._n_updates
     _poison_sample(model, bad_call=1)
@@ -106,11 +111,11 @@ def test_nan_in_first_step_leaves_the_state_before_the_call(optimizer: str, ent_
     assert model._n_updates == n_updates
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_nan_in_a_later_step_keeps_the_steps_before_it(optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "path"), CASES)
+def test_nan_in_a_later_step_keeps_the_steps_before_it(optimizer: str, path: str) -> None:
     """Steps 1 and 2 of the call are applied (as by a clean ``train(2)`` from the same state and random streams),
     step 3 carries a NaN reward and neither it nor step 4 is applied."""
-    model = _model(optimizer)
+    model = _model(optimizer, path=path)
     reference = copy.deepcopy(model)
     start = _state(model)
     n_updates = model._n_updates
@@ -129,8 +134,9 @@ def test_nan_in_a_later_step_keeps_the_steps_before_it(optimizer: str) -> None:
         assert keys and any(not th.equal(expected[key], start[key]) for key in keys)
 
 
-def test_a_model_saved_after_the_error_is_the_last_finite_one(tmp_path: Path) -> None:
-    model = _model()
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_model_saved_after_the_error_is_the_last_finite_one(tmp_path: Path, path: str) -> None:
+    model = _model(path=path)
     before = {k: v.clone() for k, v in model.policy.state_dict().items()}
     _poison_sample(model, bad_call=2)
     with pytest.raises(FloatingPointError):
@@ -235,6 +241,20 @@ def test_guarded_step_matches_plain_steps_and_skips_when_flagged(
         th.testing.assert_close(guarded.detach(), plain.detach(), rtol=0, atol=0)
     for key, value in plain_optimizer.state[plain].items():
         th.testing.assert_close(guarded_optimizer.state[guarded][key], value, rtol=0, atol=0)
+
+
+def test_a_fused_optimizer_that_loaded_a_non_fused_state_is_restored_instead() -> None:
+    """``load_state_dict`` from a non-fused optimizer (an SB3 archive's) turns the groups' ``fused`` off: the step then
+    cannot take ``found_inf`` and the restoring path must be used."""
+    param = _param_and_grad([1.0, 1.0, 1.0])
+    optimizer = th.optim.Adam([param], fused=True)
+    optimizer.load_state_dict(th.optim.Adam([_param_and_grad([1.0, 1.0, 1.0])]).state_dict())
+    assert not skips_on_flag(optimizer)
+    param.grad = th.tensor([float("nan"), 0.0, 0.0])
+    flag = new_flag("cpu")
+    flag_nonfinite(flag, [], optimizer)
+    guarded_step(optimizer, flag)
+    assert th.equal(param.detach(), th.tensor([0.5, -1.0, 2.0]))
 
 
 def test_a_non_finite_loss_alone_sets_the_flag_and_it_stays_set() -> None:

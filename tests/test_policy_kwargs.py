@@ -39,7 +39,7 @@ def test_policy_activation_fn(box_env) -> None:
         kinds = {type(m) for m in module.modules()}
         assert nn.Tanh in kinds
         assert nn.ReLU not in kinds
-    assert sum(isinstance(m, nn.Tanh) for m in model.critic.q_networks) == 2
+    assert sum(isinstance(m, nn.Tanh) for m in model.critic.q_networks.layers) == 2
 
 
 def test_policy_gsde_options(box_env) -> None:

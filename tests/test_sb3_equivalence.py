@@ -25,6 +25,7 @@ def _pair(env, **kwargs):
     reference = make_sac(env, algo=sb3.SAC, **kwargs)
     ours = make_sac(env, **kwargs)
     ours.policy.load_state_dict(state_dict_from_sb3(reference.policy.state_dict()))
+    assert ours.update_path == "engine"  # these tests check the autograd-free update engine against SB3
     return reference, ours
 
 
@@ -41,7 +42,10 @@ def _batch(env) -> ReplayBufferSamples:
 
 
 def _train_step(model, batch: ReplayBufferSamples, n_steps: int = 1) -> dict[str, float]:
-    model.replay_buffer.sample = lambda *args, **kwargs: batch
+    # The same minibatch at every step, however many steps' minibatches are asked for at once.
+    model.replay_buffer.sample = lambda size, env=None: ReplayBufferSamples(
+        *(None if x is None else x.repeat(size // BATCH, 1) for x in batch)
+    )
     model.set_logger(configure(None, []))
     th.manual_seed(1234)  # both draw their action noise from the global generator, in the same order
     model.train(gradient_steps=n_steps, batch_size=BATCH)

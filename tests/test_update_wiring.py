@@ -21,8 +21,7 @@ import gymnasium as gym
 import pytest
 import stable_baselines3 as sb3
 import torch as th
-from envs import VectorBoxEnv
-from stable_baselines3.common.logger import Logger
+from envs import VectorBoxEnv, filled_sac
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch import nn
@@ -35,14 +34,9 @@ BATCH = 64
 
 def _filled_model(env: gym.Env | None = None, filled: int = 120, **kwargs: Any) -> SAC:
     """A model whose replay buffer holds ``filled`` transitions and which has made no update yet."""
-    kwargs.setdefault("policy_kwargs", dict(net_arch=[32, 32]))
     env = env or VectorBoxEnv()
     env.observation_space.seed(0)  # SAC's seed does not reach the space the observations are drawn from
-    model = SAC("MlpPolicy", env, learning_starts=10 * filled, batch_size=BATCH, seed=0, **kwargs)
-    model.learn(filled)
-    assert model._n_updates == 0 and model.replay_buffer.size() == filled
-    model.set_logger(Logger(None, []))
-    return model
+    return filled_sac(filled, env, learning_starts=10 * filled, batch_size=BATCH, **kwargs)
 
 
 def _near_deterministic_actor(model: SAC) -> None:

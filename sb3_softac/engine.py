@@ -40,6 +40,7 @@ from sb3_softac.losses import (
     CriticReduction,
     actor_loss,
     critic_loss,
+    draw_critic_subset,
     min_over_critics,
     reduce_critics,
     soft_q_target,
@@ -354,7 +355,9 @@ class _Bound:
 class _Buffers:
     """Preallocated activations and gradients of one batch size."""
 
-    def __init__(self, bound: _Bound, batch_size: int, obs_dim: int, action_dim: int, like: th.Tensor) -> None:
+    def __init__(
+        self, bound: _Bound, batch_size: int, obs_dim: int, action_dim: int, like: th.Tensor, target_members: int
+    ) -> None:
         def empty(*shape: int) -> th.Tensor:
             return th.empty(shape, dtype=like.dtype, device=like.device)
 
@@ -379,14 +382,22 @@ class _Buffers:
         self.head_product = empty(n_critics, batch_size, bound.critic[-1].weight.shape[1])
         self.q = empty(n_critics, batch_size, 1)
         self.q_grad = empty(n_critics, batch_size, 1)
-        self.target_hidden = [empty(n_critics, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
-        self.target_q = empty(n_critics, batch_size, 1)
+        # The target critics that one target evaluates: all of them, or REDQ's subset, whose weights are gathered
+        # into ``target_subset`` at each step so that the critics left out cost nothing.
+        self.target_subset: list[_Linear] = []
+        for layer in bound.critic_target if target_members < n_critics else []:
+            weight = empty(target_members, *layer.weight.shape[1:])
+            bias = empty(target_members, *layer.bias.shape[1:])
+            self.target_subset.append(_Linear(weight, bias, weight, bias))  # no gradient: grad fields unused
+        self.target_hidden = [empty(target_members, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
+        self.target_head_product = empty(target_members, batch_size, bound.critic[-1].weight.shape[1])
+        self.target_q = empty(target_members, batch_size, 1)
         self.action_grad_members = empty(n_critics, batch_size, action_dim)
         self.action_grad = empty(batch_size, action_dim)
         self.gaussian_grad = empty(batch_size, action_dim)
         self.log_std_grad = empty(batch_size, action_dim)
         self.clamp_mask = th.empty((batch_size, action_dim), dtype=th.bool, device=like.device)
-        self.key = (batch_size, obs_dim, action_dim, like.dtype, like.device, n_critics)
+        self.key = (batch_size, obs_dim, action_dim, like.dtype, like.device, n_critics, target_members)
 
 
 def _activate(x: th.Tensor, activation: _Activation) -> None:
@@ -458,12 +469,15 @@ class UpdateEngine:
                 step.forget()
         return None
 
-    def _buffers_for(self, batch_size: int, obs_dim: int, action_dim: int, like: th.Tensor) -> _Buffers:
+    def _buffers_for(
+        self, batch_size: int, obs_dim: int, action_dim: int, like: th.Tensor, subset_size: int | None
+    ) -> _Buffers:
         assert self._bound is not None
         n_critics = self._bound.critic[0].weight.shape[0]
-        key = (batch_size, obs_dim, action_dim, like.dtype, like.device, n_critics)
+        target_members = n_critics if subset_size is None else min(subset_size, n_critics)
+        key = (batch_size, obs_dim, action_dim, like.dtype, like.device, n_critics, target_members)
         if self._buffers is None or self._buffers.key != key:
-            self._buffers = _Buffers(self._bound, batch_size, obs_dim, action_dim, like)
+            self._buffers = _Buffers(self._bound, batch_size, obs_dim, action_dim, like, target_members)
         return self._buffers
 
     @th.no_grad()
@@ -488,7 +502,9 @@ class UpdateEngine:
         flag = model._nonfinite
         obs = replay_data.observations.flatten(1)
         batch_size, obs_dim = obs.shape
-        buf = self._buffers_for(batch_size, obs_dim, replay_data.actions.shape[1], bound.mu.weight)
+        buf = self._buffers_for(
+            batch_size, obs_dim, replay_data.actions.shape[1], bound.mu.weight, model.critic_subset_size
+        )
         if bound.log_ent_coef is not None:
             ent_coef = bound.log_ent_coef.exp().squeeze(0)
         else:
@@ -510,8 +526,18 @@ class UpdateEngine:
         # Soft Q target from the target critics at the next observations.
         buf.target_in[:, :obs_dim].copy_(replay_data.next_observations.flatten(1))
         buf.target_in[:, obs_dim:].copy_(buf.actions[batch_size:])
-        self._critic_forward(bound.critic_target, bound.activation, buf.target_in, buf.target_hidden, buf, buf.target_q)
-        next_q = min_over_critics(buf.target_q, model.critic_subset_size)
+        # REDQ's subset is drawn where min_over_critics draws it, and only its members are evaluated.
+        subset = draw_critic_subset(len(bound.critic_target[0].weight), model.critic_subset_size, flag.device)
+        target = bound.critic_target
+        if subset is not None:
+            for source, gathered in zip(bound.critic_target, buf.target_subset, strict=True):
+                th.index_select(source.weight, 0, subset, out=gathered.weight)
+                th.index_select(source.bias, 0, subset, out=gathered.bias)
+            target = buf.target_subset
+        self._critic_forward(
+            target, bound.activation, buf.target_in, buf.target_hidden, buf.target_head_product, buf.target_q
+        )
+        next_q = min_over_critics(buf.target_q)
         discounts = replay_data.discounts if replay_data.discounts is not None else model.gamma
         next_value = soft_state_value(next_q, next_log_prob, ent_coef)
         target_q = soft_q_target(replay_data.rewards, replay_data.dones, discounts, next_value)
@@ -519,7 +545,7 @@ class UpdateEngine:
         # Critic loss 1/2 sum_i mean_b (Q_i - y)^2: its gradient w.r.t. Q_i(s_b, a_b) is (Q_i - y) / batch.
         buf.critic_in[:, :obs_dim].copy_(obs)
         buf.critic_in[:, obs_dim:].copy_(replay_data.actions)
-        self._critic_forward(bound.critic, bound.activation, buf.critic_in, buf.critic_hidden, buf, buf.q)
+        self._critic_forward(bound.critic, bound.activation, buf.critic_in, buf.critic_hidden, buf.head_product, buf.q)
         loss_q = critic_loss(buf.q, target_q)
         mean_q = buf.q.mean()
         th.sub(buf.q, target_q, out=buf.q_grad).div_(batch_size)
@@ -569,7 +595,7 @@ class UpdateEngine:
         activation: _Activation,
         x: th.Tensor,
         hidden: list[th.Tensor],
-        buf: _Buffers,
+        head_product: th.Tensor,
         q: th.Tensor,
     ) -> None:
         """Every critic's value of the shared input ``x`` (batch, obs + action) into ``q`` (n, batch, 1)."""
@@ -580,8 +606,8 @@ class UpdateEngine:
         # The single-output head as multiply-and-sum, as EnsembleLinear does it: a batched matmul with an output
         # size of 1 is several times slower on the CPU.
         head = layers[-1]
-        th.mul(h, head.weight.transpose(1, 2), out=buf.head_product)
-        th.sum(buf.head_product, dim=-1, keepdim=True, out=q).add_(head.bias)
+        th.mul(h, head.weight.transpose(1, 2), out=head_product)
+        th.sum(head_product, dim=-1, keepdim=True, out=q).add_(head.bias)
 
     @staticmethod
     def _critic_backward(bound: _Bound, buf: _Buffers, x: th.Tensor, weights: bool) -> th.Tensor | None:
@@ -640,7 +666,9 @@ class UpdateEngine:
         batch_size = log_prob.shape[0]
         buf.actor_critic_in[:, :obs_dim].copy_(buf.actor_in[:batch_size])
         buf.actor_critic_in[:, obs_dim:].copy_(buf.actions[:batch_size])
-        self._critic_forward(bound.critic, bound.activation, buf.actor_critic_in, buf.critic_hidden, buf, buf.q)
+        self._critic_forward(
+            bound.critic, bound.activation, buf.actor_critic_in, buf.critic_hidden, buf.head_product, buf.q
+        )
         # d loss / d Q_i(s_b, a_b) is -1/batch on the critic the reduction picks (min: the argmin, as autograd's
         # min backward routes it) or -1/(batch n) on each of them (mean).
         q_pi = reduce_critics(buf.q, reduction)

@@ -146,13 +146,17 @@ def test_layer_norm_normalises_hidden_activations() -> None:
 
 def test_redq_target_takes_min_over_random_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Critic i (online and target) outputs the constant i; critics do not learn (qf_learning_rate=0), so every
-    target's minimum is the smallest index of the pair drawn at that step: P(min = k) = (9 - k) / 45."""
+    target's minimum is the smallest index of the pair drawn at that step: P(min = k) = (9 - k) / 45.
+
+    On the autograd update, which evaluates every target critic; the update engine evaluates only the drawn pair
+    and matches the autograd update draw for draw (tests/test_engine.py)."""
     model = _model(
         net_arch=[8],
         policy_kwargs=dict(n_critics=10),
         critic_subset_size=2,
         actor_q_reduction="mean",
         qf_learning_rate=0.0,
+        update_engine="autograd",
     )
     _set_constant_outputs(model.critic.q_networks)
     _set_constant_outputs(model.critic_target.q_networks)

@@ -19,6 +19,8 @@ from stable_baselines3.common.torch_layers import FlattenExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch import nn
 
+import sb3_softac.engine
+import sb3_softac.losses
 from sb3_softac import SAC
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN
 from sb3_softac.policies import SACPolicy
@@ -200,6 +202,39 @@ def test_n_step_discounts_match_autograd(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not th.allclose(
         plain.critic.q_networks.layers[0].weight, engine.critic.q_networks.layers[0].weight, rtol=0, atol=1e-9
     )
+
+
+def test_redq_target_evaluates_only_the_drawn_critics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Critic i (online and target, which do not learn) outputs the constant i: each target's minimum is taken
+    over exactly the pair drawn for it."""
+    model = _model(
+        2, "auto", policy_kwargs=dict(n_critics=10), critic_subset_size=2, actor_q_reduction="mean", qf_learning_rate=0
+    )
+    for critic in (model.critic, model.critic_target):
+        head = critic.q_networks.layers[-1]
+        with th.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(th.arange(10.0).reshape(10, 1, 1))
+    drawn: list[th.Tensor] = []
+    reduced: list[th.Tensor] = []
+
+    def draw(*args, **kwargs):  # type: ignore[no-untyped-def]
+        drawn.append(sb3_softac.losses.draw_critic_subset(*args, **kwargs))
+        return drawn[-1]
+
+    def minimum(q_values: th.Tensor, subset_size: int | None = None) -> th.Tensor:
+        reduced.append(q_values.clone())
+        return sb3_softac.losses.min_over_critics(q_values, subset_size)
+
+    monkeypatch.setattr(sb3_softac.engine, "draw_critic_subset", draw)
+    monkeypatch.setattr(sb3_softac.engine, "min_over_critics", minimum)
+    pool = ReplayBufferSamples(*(None if x is None else x.float() for x in _batches(2, 20 * BATCH)))
+    _train(model, pool, 20)
+    assert len(drawn) == len(reduced) == 20
+    assert len({tuple(subset.tolist()) for subset in drawn}) > 1  # a new pair at each step
+    for subset, q_values in zip(drawn, reduced, strict=True):
+        assert q_values.shape == (2, BATCH, 1)
+        th.testing.assert_close(q_values, subset.float().reshape(2, 1, 1).expand(2, BATCH, 1))
 
 
 def test_log_std_clamp_stops_the_gradient_outside_its_bounds(monkeypatch: pytest.MonkeyPatch) -> None:

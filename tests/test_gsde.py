@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import stable_baselines3 as sb3
 import torch as th
+from envs import SMALL_NET, make_sac
 from stable_baselines3.common.distributions import StateDependentNoiseDistribution
-from test_sb3_equivalence import _assert_same_parameters, _batch, _pair, _train_step
+from test_sb3_equivalence import BATCH, LEARNING_RATE, _assert_same_parameters, _batch, _train_step
 from torch.distributions.transforms import TanhTransform
 
-from sb3_softac import SAC
+from sb3_softac.checkpoints import state_dict_from_sb3
 
 
 @pytest.mark.parametrize("use_expln", [False, True])
 def test_gsde_log_prob_matches_sb3_state_dependent_noise(box_env, use_expln: bool) -> None:
-    model = SAC("MlpPolicy", box_env, use_sde=True, policy_kwargs=dict(net_arch=[32, 32], use_expln=use_expln), seed=0)
-    actor = model.actor
+    actor = make_sac(box_env, use_sde=True, policy_kwargs=dict(SMALL_NET, use_expln=use_expln)).actor
     generator = th.Generator().manual_seed(0)
     with th.no_grad():
         # A different log_std per (feature, action) entry, around -1 and above 0 too (expln's two branches).
@@ -55,7 +56,9 @@ def test_gsde_log_prob_matches_sb3_state_dependent_noise(box_env, use_expln: boo
 
 @pytest.mark.parametrize("gradient_steps", [1, 3])
 def test_gsde_update_matches_sb3_exactly_without_its_epsilon(box_env, gradient_steps: int) -> None:
-    reference, ours = _pair(box_env, use_sde=True)
+    kwargs = dict(use_sde=True, learning_starts=0, batch_size=BATCH, learning_rate=LEARNING_RATE)
+    reference, ours = make_sac(box_env, algo=sb3.SAC, **kwargs), make_sac(box_env, **kwargs)
+    ours.policy.load_state_dict(state_dict_from_sb3(reference.policy.state_dict()))
     # SB3's epsilon plays two parts with gSDE: the variance floor (sb3_softac has the same one) and the biased
     # tanh correction (sb3_softac has none); only the second is removed.
     assert reference.actor.action_dist.bijector is not None

@@ -13,11 +13,10 @@ import math
 
 import pytest
 import torch as th
-from envs import VectorBoxEnv
+from envs import make_sac
 from scipy import stats
 from torch import nn
 
-from sb3_softac import SAC
 from sb3_softac.networks import EnsembleLinear
 
 N_CRITICS = 32
@@ -27,7 +26,7 @@ P_VALUE = 1e-3
 @pytest.fixture(scope="module")
 def layers() -> list[EnsembleLinear]:
     # 32 members so that even the Q head's bias (one value per member) has a sample to test when pooled.
-    model = SAC("MlpPolicy", VectorBoxEnv(), policy_kwargs=dict(net_arch=[64, 64], n_critics=N_CRITICS), seed=0)
+    model = make_sac(policy_kwargs=dict(net_arch=[64, 64], n_critics=N_CRITICS))
     found = [m for m in model.critic.modules() if isinstance(m, EnsembleLinear)]
     assert [(m.in_features, m.out_features) for m in found] == [(5 + 3, 64), (64, 64), (64, 1)]
     return found

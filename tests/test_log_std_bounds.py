@@ -11,15 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch as th
+from envs import make_sac
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN
 from torch.distributions import Normal
-
-from sb3_softac import SAC
 
 
 @pytest.mark.parametrize(("head_bias", "bound"), [(100.0, LOG_STD_MAX), (-100.0, LOG_STD_MIN)])
 def test_log_std_is_clamped_to_sb3_bounds_and_sampled_at_the_clamp(box_env, head_bias: float, bound: float) -> None:
-    actor = SAC("MlpPolicy", box_env, policy_kwargs=dict(net_arch=[32, 32]), seed=0).actor
+    actor = make_sac(box_env).actor
     with th.no_grad():
         actor.log_std.weight.zero_()
         actor.log_std.bias.fill_(head_bias)

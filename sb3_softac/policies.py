@@ -4,10 +4,12 @@ These modules build networks and evaluate them; the distributions' math lives in
 :mod:`sb3_softac.distributions` and the objectives in :mod:`sb3_softac.losses`.
 """
 
+import io
+import pathlib
 import re
 from abc import abstractmethod
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import torch as th
 from gymnasium import spaces
@@ -23,8 +25,10 @@ from stable_baselines3.common.torch_layers import (
     get_actor_critic_arch,
 )
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from stable_baselines3.common.utils import get_device
 from torch import nn
 
+from sb3_softac import archives, checkpoints, files
 from sb3_softac.distributions import (
     LOG_STD_MAX,
     LOG_STD_MIN,
@@ -653,6 +657,42 @@ class SACPolicy(BasePolicy):
         self.actor.set_training_mode(mode)
         self.critic.set_training_mode(mode)
         self.training = mode
+
+    # Policy-only files, as SB3's ``policy.save`` / ``Policy.load`` (read by archives.py, converted by checkpoints.py).
+
+    def save(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """Save the policy alone (its constructor arguments and weights), atomically.
+
+        :param path: the file to write (no suffix is added, as in SB3), or a binary stream
+        """
+        # BaseModel.save hands its argument to torch.save, which takes a binary file object too.
+        files.write_atomically(path, lambda file: BasePolicy.save(self, file))  # type: ignore[arg-type]
+
+    def save_as_sb3(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """Save the policy alone as ``stable_baselines3.sac.policies.SACPolicy.load`` reads it, atomically.
+
+        :param path: the file to write, or a binary stream
+        :raises ValueError: naming each option SB3's SAC policy lacks (discrete actions, critic dropout or
+            layer norm, a custom policy class)
+        """
+        saved = checkpoints.policy_file_for_sb3(self)
+        files.write_atomically(path, lambda file: th.save(saved, file))  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path | io.BufferedIOBase, device: th.device | str = "auto") -> Self:
+        """Load a policy file written by :meth:`save`, or by SB3's SAC policy ``save`` (converted on load).
+
+        The file is unpickled (``torch.load(weights_only=False)``, as in SB3): load only files you trust.
+
+        :param path: the policy file
+        :param device: where to put the policy
+        :raises ValueError: when the file is no policy file, or holds NaN or inf weights
+        """
+        device = get_device(device)
+        kwargs, state = archives.read_policy_file(path, device)
+        policy = cls(**kwargs)
+        policy.load_state_dict(state)
+        return policy.to(device)
 
 
 MlpPolicy = SACPolicy

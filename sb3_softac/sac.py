@@ -14,11 +14,12 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import recursive_getattr
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, ReplayBufferSamples, Schedule
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from torch import nn
 
-from sb3_softac import checkpoints
+from sb3_softac import archives, checkpoints, files
 from sb3_softac.engine import UPDATE_ENGINES, UpdateEngine, minibatch, unsupported_reason
 from sb3_softac.losses import (
     CRITIC_REDUCTIONS,
@@ -608,37 +609,107 @@ class SAC(OffPolicyAlgorithm):
         custom_objects: dict[str, Any] | None = None,
         print_system_info: bool = False,
         force_reset: bool = True,
+        weights_only: bool = False,
         **kwargs: Any,
     ) -> SelfSAC:
         """Load a model saved by :meth:`save`, or by ``stable_baselines3.SAC.save``.
 
         Takes the arguments of ``BaseAlgorithm.load``. An SB3 SAC archive is converted on the fly: its
         weights, optimizer states and entropy coefficient carry over, and training can continue. Any other
-        archive is refused with an error that names what it holds.
+        archive, and a damaged one, is refused with an error that names what it holds.
+
+        The archive's ``data`` holds pickled objects (the policy class, the spaces, schedules...): a plain load
+        runs them, as SB3 does. Entries given in ``custom_objects`` are never unpickled.
+
+        :param weights_only: unpickle nothing, as ``torch.load(weights_only=True)``: the spaces come from ``env``,
+            the policy class from this package's classes of the saved name, other settings from the readable
+            JSON, the rest from ``custom_objects``; an entry with no such substitute is refused, naming what to
+            pass. For files you did not write.
         """
-        if checkpoints.saved_policy_origin(path) == "stable_baselines3":
-            path = checkpoints.sb3_archive_to_softac(path)
-        return super().load(
+        archive = archives.read_archive(path)
+        objects = dict(custom_objects or {})
+        origin = archives.saved_policy_origin(archive)
+        if weights_only:
+            spaces_of_env = None
+            if env is not None:
+                env = cls._wrap_env(env, archive.data.get("verbose", 0))
+                spaces_of_env = (env.observation_space, env.action_space)
+            objects = archives.weights_only_objects(archive, cls.policy_aliases, spaces_of_env, objects)
+        if origin == archives.SB3:
+            # Converted in memory; its deserialised data is handed on whole, so nothing is unpickled twice.
+            path, objects = checkpoints.sb3_archive_to_softac(path, cls.policy_aliases, objects)
+        else:
+            kwargs = {**archives.legacy_settings(archive, kwargs), **kwargs}
+        model = super().load(
             path,
             env=env,
             device=device,
-            custom_objects=custom_objects,
+            custom_objects=objects or None,
             print_system_info=print_system_info,
             force_reset=force_reset,
             **kwargs,
         )
+        state_dicts, variables = model._get_torch_save_params()
+        archives.check_finite(
+            {**model.get_parameters(), "pytorch_variables": {name: getattr(model, name) for name in variables}},
+            archive.source,
+        )
+        optimizers = (recursive_getattr(model, name) for name in state_dicts)
+        checkpoints.keep_built_implementation(opt for opt in optimizers if isinstance(opt, th.optim.Optimizer))
+        return model
+
+    def save(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+    ) -> None:
+        """Save the model to a zip archive, atomically (see :mod:`sb3_softac.files`).
+
+        :param path: where to write (``.zip`` is added to a name without suffix), or a binary stream
+        :param exclude: attributes to leave out, besides the default ones
+        :param include: attributes to save although excluded by default
+        """
+        files.write_atomically(path, lambda file: super(SAC, self).save(file, exclude, include), suffix="zip")
 
     def save_as_sb3(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
         """Save the model as a checkpoint that ``stable_baselines3.SAC.load`` reads, with identical actions.
 
+        Written atomically, as :meth:`save` writes.
+
         :param path: where to write the archive
         :raises ValueError: naming each option that SB3's SAC does not have (discrete actions, critic
-            dropout or layer norm, ``policy_delay``, ``qf_learning_rate``, ``critic_subset_size``)
+            dropout or layer norm, ``policy_delay``, ``qf_learning_rate``, ``critic_subset_size``...)
         """
         buffer = io.BytesIO()
-        self.save(buffer)
+        super().save(buffer)
         buffer.seek(0)
-        checkpoints.softac_archive_to_sb3(buffer, path)
+        checkpoints.softac_archive_to_sb3(buffer, path, type(self))
+
+    def save_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """Pickle the replay buffer, atomically (``.pkl`` is added to a name without suffix).
+
+        :param path: where to write, or a binary stream
+        """
+        files.write_atomically(path, lambda file: super(SAC, self).save_replay_buffer(file), suffix="pkl")
+
+    def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
+        """Load a replay buffer pickled by :meth:`save_replay_buffer`, after checking that it fits this model.
+
+        The file is unpickled (plain pickle, as in SB3): load only buffers you trust.
+
+        :param path: the pickled buffer
+        :param truncate_last_traj: ``HerReplayBuffer``: treat the last trajectory as finished (see SB3)
+        :raises ValueError: when the buffer was saved for other observation or action shapes, or another number
+            of environments; the model keeps its previous buffer
+        """
+        previous = self.replay_buffer
+        super().load_replay_buffer(path, truncate_last_traj)
+        try:
+            archives.check_replay_buffer_fits(self.replay_buffer, self, path)
+        except ValueError:
+            self.replay_buffer = previous
+            raise
 
     def _excluded_save_params(self) -> list[str]:
         return [

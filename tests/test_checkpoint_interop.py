@@ -356,6 +356,16 @@ def test_save_as_sb3_accepts_softac_options_at_their_sb3_values(tmp_path: Path) 
         assert not hasattr(reference, name)
 
 
+def test_save_as_sb3_accepts_any_update_engine(tmp_path: Path) -> None:
+    """``update_engine`` picks how the same update is computed: SB3's SAC represents the model either way."""
+    model = SAC("MlpPolicy", VectorBoxEnv(), policy_kwargs=dict(net_arch=[8]), update_engine="autograd", seed=0)
+    model.save_as_sb3(tmp_path / "model.zip")
+    reference = sb3.SAC.load(tmp_path / "model.zip")
+    assert not hasattr(reference, "update_engine")
+    observations = _observations("mlp")
+    assert np.array_equal(_actions(reference, observations), _actions(model, observations))
+
+
 def test_save_as_sb3_names_every_option_in_use(tmp_path: Path) -> None:
     model = SAC(
         "MlpPolicy",

@@ -258,7 +258,10 @@ class _AdamStep:
         if self._tensors is None:
             self._tensors = self._collect()
             if self._tensors is None:
-                guarded_step(self.optimizer, flag)
+                # Outside inference mode: a first step creates the optimizer's state, which the autograd update
+                # (after a fallback) must be able to update in place.
+                with th.inference_mode(False):
+                    guarded_step(self.optimizer, flag)
                 return
         for group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in zip(
             self.optimizer.param_groups, self._tensors, strict=True
@@ -478,7 +481,9 @@ class UpdateEngine:
             self._buffers = _Buffers(self._bound, batch_size, obs_dim, action_dim, like, target_members)
         return self._buffers
 
-    @th.no_grad()
+    # Inference mode rather than no_grad: it skips autograd's bookkeeping in every operator, about 0.15 ms per step.
+    # Its outputs (the buffers) are inference tensors; parameters, gradients and optimizer states are not.
+    @th.inference_mode()
     def gradient_step(
         self, model: SAC, replay_data: ReplayBufferSamples, update_actor: bool, update_target: bool
     ) -> tuple[th.Tensor, th.Tensor | None]:

@@ -449,6 +449,16 @@ def test_save_load_keeps_the_switch_and_old_saves_default_to_auto(tmp_path) -> N
 def test_hooks_send_the_update_to_autograd_until_removed(capsys: pytest.CaptureFixture[str]) -> None:
     """The engine runs no module and no autograd: while a hook is registered, autograd updates the model."""
     model = SAC("MlpPolicy", BoxEnv(), learning_starts=0, batch_size=8, seed=0, verbose=1)
+    model.learn(5)
+    assert model.update_path == "engine"
+    # The engine runs under inference mode: what it leaves behind must stay usable by autograd and the optimizers.
+    for optimizer in (model.actor.optimizer, model.critic.optimizer, model.ent_coef_optimizer):
+        assert optimizer is not None
+        for state in optimizer.state.values():
+            assert state and not any(value.is_inference() for value in state.values())
+    assert not any(
+        p.is_inference() or (p.grad is not None and p.grad.is_inference()) for p in model.policy.parameters()
+    )
     calls = []
     handle = model.critic.q_networks.register_forward_hook(lambda *args: calls.append(1))
     with pytest.warns(UserWarning, match="autograd from now on \\(a EnsembleMLP module has hooks\\)"):

@@ -3,7 +3,7 @@
 :class:`UpdateEngine` runs the same update as :meth:`sb3_softac.SAC._gradient_step` (temperature, then critics,
 then actor, in the order of SB3's SAC) with forward and backward passes derived by hand and written into
 preallocated tensors. Autograd records every operation and replays it backwards; here a gradient step is a fixed
-list of about two hundred ATen calls, which is what makes a CPU step with small networks fast.
+list of about 250 ATen calls under inference mode, which is what makes a CPU step with small networks fast.
 
 It covers MLP policies on ``Box`` observations and actions (flatten extractor, not shared), the squashed-Gaussian
 actor without gSDE, ReLU or Tanh hidden layers, any number of critics (with REDQ subsets), fixed or learned

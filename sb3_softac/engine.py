@@ -1,7 +1,7 @@
 """An autograd-free SAC update for the common configuration.
 
-:class:`UpdateEngine` runs the same update as :meth:`sb3_softac.SAC._gradient_step` (temperature, then critics,
-then actor, in the order of SB3's SAC) with forward and backward passes derived by hand and written into
+:class:`UpdateEngine` runs the same update as :meth:`sb3_softac.SAC._gradient_step` (critics, then temperature and
+actor, with the same random draws in the same order) with forward and backward passes derived by hand and written into
 preallocated tensors. Autograd records every operation and replays it backwards; here a gradient step is a fixed
 list of about 250 ATen calls under inference mode, which is what makes a CPU step with small networks fast.
 
@@ -12,8 +12,9 @@ autograd update. The forward values reuse the objectives of :mod:`sb3_softac.los
 :mod:`sb3_softac.distributions`; only their derivatives live here.
 
 Nothing is copied out of the model: the engine reads the live parameters and optimizers on every call and
-writes the gradients into each parameter's ``.grad``, then calls the model's own optimizers, so that in-place
-edits, ``set_parameters``, learning-rate schedules and optimizer state dicts stay what they are.
+writes the gradients into each parameter's ``.grad``, then steps the model's own optimizers (their fused Adam kernel
+on their own state), so that in-place edits, ``set_parameters``, learning-rate schedules and optimizer state dicts
+stay what they are. It obeys the non-finite guard of :mod:`sb3_softac.nonfinite` as the autograd update does.
 
 The step makes no host synchronisation and keeps static shapes for a given batch size, so one step could be
 captured in a CUDA graph (after copying each minibatch into static input tensors); that capture has not been

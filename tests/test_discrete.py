@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -25,7 +23,6 @@ from sb3_softac import SAC
 from sb3_softac.policies import CategoricalActor
 from sb3_softac.sac import DISCRETE_TARGET_ENTROPY_SCALE
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(net_arch=[16, 16])
 
 
@@ -402,37 +399,3 @@ def test_use_sde_or_action_noise_with_discrete_actions_is_refused() -> None:
 def test_multi_discrete_and_multi_binary_are_refused(space: spaces.Space, name: str) -> None:
     with pytest.raises(AssertionError, match=name):
         SAC("MlpPolicy", ActionSpaceEnv(space))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# RL Zoo
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1"])
-def test_zoo_entries_are_the_learning_test_settings(env_id: str) -> None:
-    """hyperparams/softac.yml holds the settings that tests/test_learning_discrete.py shows to work."""
-    import yaml
-    from test_learning_discrete import ACROBOT, CARTPOLE, MAX_STEPS
-
-    entry = dict(yaml.safe_load((REPO_ROOT / "hyperparams" / "softac.yml").read_text())[env_id])
-    assert entry.pop("policy") == "MlpPolicy" and entry.pop("n_timesteps") == MAX_STEPS
-    entry["policy_kwargs"] = eval(entry["policy_kwargs"], {"dict": dict})
-    assert entry == {"CartPole-v1": CARTPOLE, "Acrobot-v1": ACROBOT}[env_id]
-
-
-def test_zoo_trains_softac_on_cartpole(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        *("-m", "sb3_softac.zoo", "train", "--algo", "softac", "--env", "CartPole-v1", "-n", "500"),
-        *("-f", str(tmp_path), "--num-threads", "1", "--seed", "0", "-params", "learning_starts:100"),
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    (saved,) = (tmp_path / "softac").glob("CartPole-v1_*/CartPole-v1.zip")
-    model = SAC.load(saved)
-    assert isinstance(model.actor, CategoricalActor)
-    assert model.learning_starts == 100 and model.num_timesteps == 500
-    obs, _ = gym.make("CartPole-v1").reset(seed=0)
-    action, _ = model.predict(obs, deterministic=True)
-    assert int(action) in (0, 1)

@@ -34,6 +34,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from common import set_torch_threads
+
 MIB = 1024.0 * 1024.0
 REF_MODULE = "stable_baselines3"
 
@@ -132,9 +134,7 @@ def fill_direct(buffer: Any, buffer_size: int) -> None:
 
 def run_case(module: str, env_id: str, buffer_size: int, optimize: bool, fill: str) -> dict[str, Any]:
     """Measure one case in the current process (meant to be a fresh subprocess)."""
-    import torch
-
-    torch.set_num_threads(1)
+    set_torch_threads(1)
     sac_cls = importlib.import_module(module).SAC
     import gymnasium as gym
 
@@ -237,8 +237,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--buffer-size", type=int, default=1_000_000, help="transitions (default 1000000)")
     parser.add_argument("--fill", choices=("add", "direct"), default="add", help="how to fill (default add)")
     parser.add_argument("--json", default=None, help="also write raw results to this JSON file")
-    # Development switch: module providing the "ours" SAC (e.g. stable_baselines3 to test the script itself).
-    parser.add_argument("--ours-module", default="sb3_softac", help=argparse.SUPPRESS)
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_module", default=REF_MODULE, help=argparse.SUPPRESS)
     parser.add_argument("--_optimize", action="store_true", help=argparse.SUPPRESS)
@@ -251,9 +249,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args._worker:
         print(json.dumps(run_case(args._module, args.env, args.buffer_size, args._optimize, args.fill)), flush=True)
         return ""
-    ours_label = "sb3_softac" if args.ours_module == "sb3_softac" else f"ours[{args.ours_module}]"
     results = []
-    for label, module in ((ours_label, args.ours_module), ("SB3", REF_MODULE)):
+    for label, module in (("sb3_softac", "sb3_softac"), ("SB3", REF_MODULE)):
         for optimize in (False, True):
             print(f"{label} optimize_memory_usage={optimize} ...", file=sys.stderr, flush=True)
             results.append({"label": label, **spawn_case(module, args, optimize)})

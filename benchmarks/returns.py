@@ -1,7 +1,8 @@
 """Learning-parity benchmark: final returns of ``sb3_softac.SAC`` vs ``stable_baselines3.SAC``.
 
 For every configuration (env, training budget, seeds) both implementations are trained with identical
-hyper-parameters (RL-Zoo ``hyperparams/sac.yml`` settings, SB3 defaults otherwise) and identical seeds. Every
+hyper-parameters (the environment's entry of the packaged ``softac.yml``, which holds the RL Zoo's ``sac.yml``
+settings; SB3 defaults for environments it does not list) and identical seeds. Every
 ``--eval-every`` steps the deterministic policy is evaluated (``--curve-episodes`` episodes) for the learning curve;
 at the end it is evaluated on ``--eval-episodes`` (default 10) episodes. Per configuration the script reports
 the mean final return over seeds with a 95% t-confidence interval for each implementation, and the two-sided
@@ -16,36 +17,35 @@ Jobs (one per implementation x seed) run in ``--jobs`` worker processes, each wi
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import contextlib
+import copy
 import datetime
 import importlib
-import importlib.metadata
 import json
 import math
-import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-REF_MODULE = "stable_baselines3"
+from common import (
+    DEFAULT_OUT,
+    evaluate,
+    fmt_number,
+    mean_ci95,
+    run_jobs,
+    set_torch_threads,
+    versions,
+    welch_p_value,
+    write_results_json,
+    zoo_hyperparams,
+)
 
-# Settings from rl_zoo3 2.x hyperparams/sac.yml. The zoo lists the MuJoCo envs as *-v4 ("mujoco-defaults":
-# only learning_starts=10000 on top of SB3's defaults); the same settings are used for *-v5 here.
-_MUJOCO = {"learning_starts": 10_000}
-ZOO_HYPERPARAMS: dict[str, dict[str, Any]] = {
-    "Pendulum-v1": {"learning_rate": 1e-3},
-    **{f"{name}-v{v}": dict(_MUJOCO) for name in ("HalfCheetah", "Ant", "Hopper", "Walker2d") for v in (4, 5)},
-    **{f"Humanoid-v{v}": dict(_MUJOCO) for v in (4, 5)},
-    **{f"Swimmer-v{v}": {**_MUJOCO, "gamma": 0.999} for v in (4, 5)},
-}
+# (role, label, module) of the two implementations, ours first.
+IMPLEMENTATIONS = (("ours", "sb3_softac", "sb3_softac"), ("ref", "SB3", "stable_baselines3"))
 
 
 @dataclass(frozen=True)
@@ -82,141 +82,8 @@ class Job:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Statistics (scipy when available, otherwise an own Student-t implementation)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _betainc_cf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz algorithm)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    frac = d
-    for m in range(1, 500):
-        for numerator in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            frac *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return frac
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betainc_cf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betainc_cf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """CDF of Student's t distribution."""
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-def t_ppf(q: float, df: float) -> float:
-    """Quantile of Student's t distribution (bisection on :func:`t_cdf`)."""
-    lo, hi = -1.0, 1.0
-    while t_cdf(lo, df) > q:
-        lo *= 2.0
-    while t_cdf(hi, df) < q:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-def _scipy_stats() -> Any:
-    """``scipy.stats`` or None."""
-    try:
-        import scipy.stats
-    except ImportError:
-        return None
-    return scipy.stats
-
-
-def t_quantile(q: float, df: float) -> float:
-    """Student-t quantile, from scipy when installed."""
-    stats = _scipy_stats()
-    return float(stats.t.ppf(q, df)) if stats is not None else t_ppf(q, df)
-
-
-def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of the two-sided 95% t confidence interval (nan for fewer than two values)."""
-    mean = statistics.fmean(values) if values else math.nan
-    if len(values) < 2:
-        return mean, math.nan
-    sem = statistics.stdev(values) / math.sqrt(len(values))
-    return mean, t_quantile(0.975, len(values) - 1) * sem
-
-
-def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided p-value of Welch's unequal-variance t-test (nan when a group has fewer than two values)."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    if va + vb == 0.0:
-        return 1.0 if diff == 0.0 else 0.0
-    stats = _scipy_stats()
-    if stats is not None:
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    t_stat = diff / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return 2.0 * t_cdf(-abs(t_stat), df)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Training worker
 # --------------------------------------------------------------------------------------------------------------
-
-
-def init_worker() -> None:
-    """Per-process setup: one torch thread (intra- and inter-op)."""
-    import torch
-
-    torch.set_num_threads(1)
-    with contextlib.suppress(RuntimeError):  # only allowed once, before inter-op parallel work
-        torch.set_num_interop_threads(1)
-
-
-def evaluate(model: Any, env: Any, n_episodes: int) -> list[float]:
-    """Undiscounted returns of ``n_episodes`` deterministic episodes (env RNG continues between calls)."""
-    returns = []
-    for _ in range(n_episodes):
-        obs, _ = env.reset()
-        total, done = 0.0, False
-        while not done:
-            action, _ = model.predict(obs, deterministic=True)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            done = bool(terminated or truncated)
-        returns.append(total)
-    return returns
-
-
-def _make_eval_env(env_id: str, seed: int) -> Any:
-    """Evaluation env whose episode start states depend only on the seed (same for both implementations)."""
-    import gymnasium as gym
-
-    env = gym.make(env_id)
-    env.reset(seed=1_000_000 + seed)
-    return env
 
 
 def run_job(job: Job) -> dict[str, Any]:
@@ -227,13 +94,14 @@ def run_job(job: Job) -> dict[str, Any]:
     """
     import gymnasium as gym
 
-    init_worker()
+    set_torch_threads(1)
     sac_cls = importlib.import_module(job.module).SAC
     start = time.perf_counter()
-    model = sac_cls("MlpPolicy", gym.make(job.env_id), seed=job.seed, verbose=0, **job.hyperparams)
-    curve_env = _make_eval_env(job.env_id, job.seed)
+    # A copy: SB3 writes into the policy_kwargs it is given, and the results record the arguments as given.
+    hyperparams = copy.deepcopy(job.hyperparams)
+    model = sac_cls("MlpPolicy", gym.make(job.env_id), seed=job.seed, verbose=0, **hyperparams)
     curve_steps = [0]
-    curve_returns = [statistics.fmean(evaluate(model, curve_env, job.curve_episodes))]
+    curve_returns = [statistics.fmean(evaluate(model, job.env_id, job.seed, job.curve_episodes))]
     train_s = 0.0
     done = 0
     while done < job.steps:
@@ -244,8 +112,8 @@ def run_job(job: Job) -> dict[str, Any]:
         done = int(model.num_timesteps)
         if done < job.steps:
             curve_steps.append(done)
-            curve_returns.append(statistics.fmean(evaluate(model, curve_env, job.curve_episodes)))
-    final = evaluate(model, _make_eval_env(job.env_id, job.seed), job.eval_episodes)
+            curve_returns.append(statistics.fmean(evaluate(model, job.env_id, job.seed, job.curve_episodes)))
+    final = evaluate(model, job.env_id, job.seed, job.eval_episodes)
     curve_steps.append(done)
     curve_returns.append(statistics.fmean(final))
     return {
@@ -263,11 +131,6 @@ def run_job(job: Job) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------------------
-
-
-def fmt_number(value: float, digits: int = 1) -> str:
-    """Number or 'n/a' for nan."""
-    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _groups(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, list[dict[str, Any]]]]:
@@ -357,14 +220,6 @@ def plot_curves(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_results_json(path: Path, meta: dict[str, Any], runs: Sequence[dict[str, Any]]) -> None:
-    """Atomically (re)write the raw results file."""
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump({"meta": meta, "runs": list(runs)}, fh, indent=1)
-    os.replace(tmp, path)
-
-
 def report(runs: Sequence[dict[str, Any]], out_dir: Path, tag: str, header: str) -> str:
     """Print and save the markdown report; write the learning-curve PNGs."""
     text = f"{header}\n\n{render_table(runs)}\n"
@@ -378,23 +233,6 @@ def report(runs: Sequence[dict[str, Any]], out_dir: Path, tag: str, header: str)
 # --------------------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _versions(ours_module: str) -> dict[str, str]:
-    """Versions of the packages that matter for the results."""
-    out = {"python": platform.python_version()}
-    for name, dist in (
-        (ours_module, ours_module),
-        ("sb3", "stable-baselines3"),
-        ("torch", "torch"),
-        ("gymnasium", "gymnasium"),
-        ("mujoco", "mujoco"),
-    ):
-        try:
-            out[name] = importlib.metadata.version(dist.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "?"
-    return out
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -416,8 +254,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--net-arch", type=int, nargs="+", default=None, help="override hidden sizes (both algos)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None, help="only regenerate table/plots")
-    # Development switch: module providing the "ours" SAC (e.g. stable_baselines3 to test the script itself).
-    parser.add_argument("--ours-module", default="sb3_softac", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     custom = (args.env, args.steps, args.seeds)
     if args.from_json is None and args.preset is not None and any(v is not None for v in custom):
@@ -442,14 +278,13 @@ def build_configs(args: argparse.Namespace) -> tuple[str, list[Config]]:
 
 def build_jobs(configs: Sequence[Config], args: argparse.Namespace) -> list[Job]:
     """Jobs ordered by config (longest budget first) then seed, alternating implementations."""
-    ours_label = "sb3_softac" if args.ours_module == "sb3_softac" else f"ours[{args.ours_module}]"
     jobs = []
     for config in sorted(configs, key=lambda c: -c.steps):
-        hyperparams = dict(ZOO_HYPERPARAMS.get(config.env_id, {}))
+        hyperparams = zoo_hyperparams(config.env_id)
         if args.net_arch:
-            hyperparams["policy_kwargs"] = {"net_arch": list(args.net_arch)}
+            hyperparams["policy_kwargs"] = {**hyperparams.get("policy_kwargs", {}), "net_arch": list(args.net_arch)}
         for seed in range(config.seeds):
-            for role, label, module in (("ours", ours_label, args.ours_module), ("ref", "SB3", REF_MODULE)):
+            for role, label, module in IMPLEMENTATIONS:
                 jobs.append(
                     Job(
                         config.env_id,
@@ -467,24 +302,10 @@ def build_jobs(configs: Sequence[Config], args: argparse.Namespace) -> list[Job]
     return jobs
 
 
-def run_jobs(jobs: Sequence[Job], n_workers: int, on_done: Callable[[dict[str, Any]], None]) -> None:
-    """Run jobs in-process (one worker) or in a process pool; ``on_done`` sees each result as it completes."""
-    if n_workers <= 1:
-        for job in jobs:
-            on_done(run_job(job))
-        return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(method)
-    with concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=init_worker) as pool:
-        futures = [pool.submit(run_job, job) for job in jobs]
-        for future in concurrent.futures.as_completed(futures):
-            on_done(future.result())
-
-
 def main(argv: Sequence[str] | None = None) -> str:
     """Train (or load with ``--from-json``), print and save the report. Returns the markdown text."""
     args = parse_args(argv)
-    init_worker()  # the parent process also uses a single torch thread
+    set_torch_threads(1)  # the parent process too
     out_dir: Path = args.out
     if args.from_json is not None:
         runs: list[dict[str, Any]] = []
@@ -509,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "configs": [asdict(c) for c in configs],
         "eval_episodes": args.eval_episodes,
         "curve_episodes": args.curve_episodes,
-        "versions": _versions(args.ours_module),
+        "versions": versions(),
     }
     runs = []
     start = time.perf_counter()
@@ -525,12 +346,13 @@ def main(argv: Sequence[str] | None = None) -> str:
             flush=True,
         )
 
-    run_jobs(jobs, args.jobs, on_done)
+    run_jobs(run_job, jobs, args.jobs, on_done)
     hyperparams = {job.env_id: job.hyperparams for job in jobs}
     header = (
         f"## SAC final-return parity ({tag})\n\n"
         f"Deterministic return of the final policy, mean over {args.eval_episodes} episodes per seed; "
-        f"hyper-parameters on top of the defaults (RL-Zoo sac.yml): {hyperparams}; versions: {meta['versions']}"
+        f"hyper-parameters on top of the defaults (packaged softac.yml = RL Zoo sac.yml): {hyperparams}; "
+        f"versions: {meta['versions']}"
     )
     return report(runs, out_dir, tag, header)
 

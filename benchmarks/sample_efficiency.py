@@ -1,20 +1,22 @@
 """Sample efficiency of the critic options: SAC vs DroQ-style vs REDQ-style ``sb3_softac.SAC`` at equal env steps.
 
-Three settings of the same class, trained on the same environments with the same seeds and networks:
+Three settings of the same class, trained on the same environments with the same seeds and networks, their
+hyperparameters read from the RL Zoo files shipped with the package:
 
-* ``SAC``: the defaults (one gradient step per environment step, 2 critics, no dropout, no layer norm);
-* ``DroQ``: ``--utd`` gradient steps per environment step, 2 critics with dropout 0.01 and layer norm
-  (Hiraoka et al. 2022), actor and temperature updated once per environment step (``policy_delay=utd``);
-* ``REDQ``: ``--utd`` gradient steps per environment step, 10 critics, target minimum over a random pair of
-  them, actor on the ensemble mean (Chen et al. 2021), actor and temperature once per environment step.
+* ``SAC``: the environment's ``softac.yml`` entry (the zoo's SAC settings: one gradient step per environment step,
+  2 critics, no dropout, no layer norm);
+* ``DroQ``: plus the settings of ``softac_droq.yml`` (2 critics with dropout and layer norm, Hiraoka et al. 2022),
+  with ``--utd`` gradient steps per environment step and the actor and temperature updated once per environment step;
+* ``REDQ``: plus the settings of ``softac_redq.yml`` (10 critics, target minimum over a random pair of them, actor on
+  the ensemble mean, Chen et al. 2021), with the same ``--utd`` and actor schedule.
 
-Every run is evaluated at the end on ``--eval-episodes`` deterministic episodes (evaluation env seeded from the run
-seed, so all settings see the same start states). The report gives, per env and setting, the mean final return
-over seeds with a 95% t confidence interval, and the wall-clock cost per environment step (wall time of ``learn()``
-divided by its environment steps: acting, env stepping, replay and gradient steps), over the whole run and over the
-learning phase after ``learning_starts``, and the process CPU time per step of the learning phase, with its ratio to
-SAC's (CPU time is the steadier measure on a shared machine). Results are written as JSON
-and a markdown table under ``--out`` (default ``benchmarks/results/``); ``--from-json`` re-renders them.
+Every run is evaluated at the end on ``--eval-episodes`` deterministic episodes (``common.evaluate``: start states
+depend on the run seed only, so all settings see the same ones). The report gives, per env and setting, the mean
+final return over seeds with a 95% t confidence interval, and the wall-clock cost per environment step (wall time of
+``learn()`` divided by its environment steps: acting, env stepping, replay and gradient steps), over the whole run
+and over the learning phase after ``learning_starts``, and the process CPU time per step of the learning phase, with
+its ratio to SAC's (CPU time is the steadier measure on a shared machine). Results are written as JSON and a
+markdown table under ``--out`` (default ``benchmarks/results/``); ``--from-json`` re-renders them.
 
 Default budgets (sized to take about an hour with ``--jobs 2`` on a 2-core machine): Pendulum-v1 5k steps,
 Hopper-v5 8k steps, 3 seeds, UTD 5. ``--quick`` is a smoke run of a few seconds.
@@ -24,14 +26,12 @@ Each worker process uses one torch thread.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import contextlib
+import copy
+import dataclasses
 import datetime
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,57 +40,83 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The statistics and the results file are shared with returns.py, next to this script.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from returns import fmt_number, mean_ci95, write_results_json
+from common import (
+    DEFAULT_OUT,
+    evaluate,
+    fmt_number,
+    mean_ci95,
+    run_jobs,
+    set_torch_threads,
+    versions,
+    write_results_json,
+    zoo_hyperparams,
+)
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SETTINGS = ("SAC", "DroQ", "REDQ")
 
 
 @dataclass(frozen=True)
 class EnvBudget:
-    """Training budget and the hyper-parameters shared by every setting on one environment."""
+    """Training budget and network shared by every setting on one environment (the other hyperparameters come from
+    the packaged RL Zoo files, see :func:`setting_kwargs`)."""
 
     env_id: str
     steps: int
     learning_starts: int
-    learning_rate: float
     net_arch: tuple[int, ...]
     batch_size: int = 256
 
 
-# Pendulum-v1: rl_zoo3's learning rate (1e-3). Hopper-v5: SB3's defaults except learning_starts, cut from the zoo's
-# 10k to 1k to fit the budget (REDQ and DroQ start learning after 5k). The networks are smaller than the usual
-# 256 x 256 so that 10 critics at UTD 5 fit in the hour; every setting uses the same network.
+# Hopper-v5: learning_starts cut from the zoo's 10k to 1k to fit the budget (REDQ and DroQ start learning after 5k).
+# The networks are smaller than the usual 256 x 256 so that 10 critics at UTD 5 fit in the hour; every setting uses
+# the same network.
 BUDGETS: dict[str, EnvBudget] = {
-    "Pendulum-v1": EnvBudget("Pendulum-v1", 5_000, 100, 1e-3, (64, 64)),
-    "Hopper-v5": EnvBudget("Hopper-v5", 8_000, 1_000, 3e-4, (128, 128)),
+    "Pendulum-v1": EnvBudget("Pendulum-v1", 5_000, 100, (64, 64)),
+    "Hopper-v5": EnvBudget("Hopper-v5", 8_000, 1_000, (128, 128)),
 }
 QUICK_BUDGETS: dict[str, EnvBudget] = {
-    "Pendulum-v1": EnvBudget("Pendulum-v1", 150, 50, 1e-3, (16, 16), batch_size=32),
-    "Hopper-v5": EnvBudget("Hopper-v5", 150, 50, 3e-4, (16, 16), batch_size=32),
+    "Pendulum-v1": EnvBudget("Pendulum-v1", 150, 50, (16, 16), batch_size=32),
+    "Hopper-v5": EnvBudget("Hopper-v5", 150, 50, (16, 16), batch_size=32),
 }
+
+# The packaged zoo file of each high update-to-data setting. They list MuJoCo tasks only, all with the same settings:
+# Hopper-v5's entry stands for them on every environment.
+METHOD_FILES = {"DroQ": "softac_droq.yml", "REDQ": "softac_redq.yml"}
+METHOD_ENTRY = "Hopper-v5"
 
 
 def setting_kwargs(setting: str, budget: EnvBudget, utd: int) -> dict[str, Any]:
-    """Keyword arguments of ``sb3_softac.SAC`` for one setting on one environment."""
-    policy_kwargs: dict[str, Any] = {"net_arch": list(budget.net_arch)}
-    kwargs: dict[str, Any] = {
-        "learning_rate": budget.learning_rate,
-        "learning_starts": budget.learning_starts,
-        "batch_size": budget.batch_size,
-        "buffer_size": max(budget.steps, 1_000),
-    }
-    if setting == "DroQ":
-        policy_kwargs.update(dropout_rate=0.01, layer_norm=True)
-        kwargs.update(gradient_steps=utd, policy_delay=utd)
-    elif setting == "REDQ":
-        policy_kwargs.update(n_critics=10)
-        kwargs.update(gradient_steps=utd, policy_delay=utd, critic_subset_size=2)
-    elif setting != "SAC":
+    """Keyword arguments of ``sb3_softac.SAC`` for one setting on one environment.
+
+    Every setting starts from the environment's entry of the packaged ``softac.yml`` (the zoo's SAC settings, e.g.
+    Pendulum's learning rate). DroQ and REDQ add what defines them in their zoo files (critic options, the number
+    of critics, the target subset, the actor's rule...), with ``gradient_steps`` scaled to ``utd`` and
+    ``policy_delay`` scaled alike (the files update the actor once per environment step). The budget's
+    ``learning_starts``, batch size and network apply to all three.
+
+    :param setting: ``SAC``, ``DroQ`` or ``REDQ``
+    :param budget: the environment's budget
+    :param utd: gradient steps per environment step of DroQ and REDQ
+    :return: the constructor arguments
+    """
+    if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
-    kwargs["policy_kwargs"] = policy_kwargs
+    kwargs = zoo_hyperparams(budget.env_id)
+    policy_kwargs: dict[str, Any] = dict(kwargs.get("policy_kwargs", {}))
+    if setting in METHOD_FILES:
+        method = zoo_hyperparams(METHOD_ENTRY, METHOD_FILES[setting])
+        policy_kwargs.update(method.pop("policy_kwargs", {}))
+        zoo_utd, zoo_delay = method.pop("gradient_steps"), method.pop("policy_delay")
+        for name in ("learning_rate", "learning_starts", "batch_size", "buffer_size"):  # the zoo's budget
+            method.pop(name, None)
+        kwargs.update(method, gradient_steps=utd, policy_delay=utd * zoo_delay // zoo_utd)
+    policy_kwargs["net_arch"] = list(budget.net_arch)
+    kwargs.update(
+        learning_starts=budget.learning_starts,
+        batch_size=budget.batch_size,
+        buffer_size=max(budget.steps, 1_000),
+        policy_kwargs=policy_kwargs,
+    )
     return kwargs
 
 
@@ -111,42 +137,15 @@ class Job:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    with contextlib.suppress(RuntimeError):  # allowed once per process, before any inter-op work
-        torch.set_num_interop_threads(1)
-
-
-def evaluate(model: Any, env_id: str, seed: int, n_episodes: int) -> list[float]:
-    """Undiscounted returns of ``n_episodes`` deterministic episodes; start states depend on ``seed`` only."""
-    import gymnasium as gym
-
-    env = gym.make(env_id)
-    returns = []
-    for episode in range(n_episodes):
-        obs, _ = env.reset(seed=seed * 1_000 + episode)
-        total, done = 0.0, False
-        while not done:
-            action, _ = model.predict(obs, deterministic=True)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            done = bool(terminated or truncated)
-        returns.append(total)
-    env.close()
-    return returns
-
-
 def run_job(job: Job) -> dict[str, Any]:
     """Train one model for the budget, time the whole ``learn()``, then evaluate it."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _one_thread()
+    set_torch_threads(1)
     import gymnasium as gym
 
     from sb3_softac import SAC
 
-    model = SAC("MlpPolicy", gym.make(job.budget.env_id), seed=job.seed, verbose=0, **job.kwargs)
+    # A copy: SB3 writes into the policy_kwargs it is given, and the results record the arguments as given.
+    model = SAC("MlpPolicy", gym.make(job.budget.env_id), seed=job.seed, verbose=0, **copy.deepcopy(job.kwargs))
     # Two calls that continue each other (same episode, buffer and schedules): the random-action warm-up, then the
     # learning phase, whose cost per step is the one that matters for long runs.
     # Process CPU time is reported next to wall time: on a shared machine it is the steadier of the two.
@@ -156,7 +155,7 @@ def run_job(job: Job) -> dict[str, Any]:
     model.learn(total_timesteps=job.budget.steps - job.budget.learning_starts, reset_num_timesteps=False)
     learn_s, learn_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     learning_steps = max(int(model.num_timesteps) - job.budget.learning_starts, 1)
-    returns = evaluate(model, job.budget.env_id, 10_000 + job.seed, job.eval_episodes)
+    returns = evaluate(model, job.budget.env_id, job.seed, job.eval_episodes)
     return {
         "env_id": job.budget.env_id,
         "steps": int(model.num_timesteps),
@@ -215,26 +214,19 @@ def render_table(runs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("sb3-softac", "stable-baselines3", "torch", "gymnasium", "mujoco"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "?"
-    return out
-
-
-def _header(meta: dict[str, Any]) -> str:
+def _header(meta: dict[str, Any], runs: Sequence[dict[str, Any]]) -> str:
     budgets = "; ".join(
-        f"{b['env_id']}: {b['steps']} steps, learning_starts {b['learning_starts']}, lr {b['learning_rate']}, "
-        f"net {list(b['net_arch'])}, batch {b['batch_size']}"
+        f"{b['env_id']}: {b['steps']} steps, learning_starts {b['learning_starts']}, net {list(b['net_arch'])}, "
+        f"batch {b['batch_size']}"
         for b in meta["budgets"]
     )
+    arguments = {(run["env_id"], run["setting"]): run["kwargs"] for run in runs}
+    listed = "\n".join(f"- {env_id} {setting}: `{kwargs}`" for (env_id, setting), kwargs in sorted(arguments.items()))
     return (
         f"Sample efficiency at equal environment steps ({meta['date']}, {meta['jobs']} jobs, 1 torch thread each; "
-        f"command: `{meta['command']}`).\n\nBudgets: {budgets}. DroQ: dropout 0.01 + layer norm, 2 critics; REDQ: 10 "
-        "critics, target min over a random pair; both with policy_delay = UTD. Final return: mean of "
+        f"command: `{meta['command']}`).\n\nBudgets: {budgets}. Arguments of SAC: the packaged zoo files "
+        "(softac.yml for every setting, plus softac_droq.yml or softac_redq.yml with gradient_steps = UTD), with the "
+        f"budget's learning_starts, batch size and network:\n\n{listed}\n\nFinal return: mean of "
         f"{meta['eval_episodes']} deterministic episodes per seed. Cost: wall time of `learn()` per env step over "
         "the whole run, and wall and process CPU time per env step after learning_starts (a learning step: one env "
         "step plus its UTD gradient steps). On a shared machine wall time depends on the load; CPU time and its "
@@ -274,16 +266,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     if args.from_json is not None:
         data = json.loads(args.from_json.read_text(encoding="utf-8"))
-        text = f"{_header(data['meta'])}\n\n{render_table(data['runs'])}\n"
+        text = f"{_header(data['meta'], data['runs'])}\n\n{render_table(data['runs'])}\n"
         print(text)
         return text
 
     budgets = [(QUICK_BUDGETS if args.quick else BUDGETS)[env_id] for env_id in args.envs]
     if args.steps is not None:
         budgets = [
-            EnvBudget(
-                b.env_id, args.steps, min(b.learning_starts, args.steps // 2), b.learning_rate, b.net_arch, b.batch_size
-            )
+            dataclasses.replace(b, steps=args.steps, learning_starts=min(b.learning_starts, args.steps // 2))
             for b in budgets
         ]
     jobs = [
@@ -306,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "utd": args.utd,
         "eval_episodes": args.eval_episodes,
         "budgets": [asdict(b) for b in budgets],
-        "versions": _versions(),
+        "versions": versions(),
         "cpu_count": os.cpu_count(),
     }
     runs: list[dict[str, Any]] = []
@@ -333,16 +323,10 @@ def main(argv: Sequence[str] | None = None) -> str:
             flush=True,
         )
 
-    if args.jobs <= 1:
-        for job in jobs:
-            done(run_job(job))
-    else:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            for future in concurrent.futures.as_completed([pool.submit(run_job, job) for job in jobs]):
-                done(future.result())
+    run_jobs(run_job, jobs, args.jobs, done)
     meta["total_wall_s"] = time.perf_counter() - start
     write_results_json(json_path, meta, runs)
-    text = f"{_header(meta)}\n\n{render_table(runs)}\n\nTotal wall time: {meta['total_wall_s'] / 60:.1f} min.\n"
+    text = f"{_header(meta, runs)}\n\n{render_table(runs)}\n\nTotal wall time: {meta['total_wall_s'] / 60:.1f} min.\n"
     md_path.write_text(text, encoding="utf-8")
     print(text, flush=True)
     return text

@@ -1,20 +1,31 @@
 """Wall-clock speed benchmark: ``sb3_softac.SAC`` vs ``stable_baselines3.SAC`` (and SBX when installed).
 
-Both implementations are trained side by side in one process, on the same environment, with the same
+The implementations are trained side by side in one process, on the same environment, with the same
 hyper-parameters (library defaults: one gradient step per env step, 256x256 MLPs, batch 256) and the same seed.
+sb3_softac runs twice: through its autograd-free update engine (``sb3_softac``, the default wherever it applies)
+and forced onto the autograd update (``sb3_softac (autograd)``, ``update_engine="autograd"``).
 
-For every environment the script reports
+Besides plain SAC (setting ``SAC``), the high update-to-data settings of sb3_softac's RL Zoo files run next to the
+autograd path: ``REDQ`` (``softac_redq.yml``: 10 critics, target over a random pair, actor on the mean, 20 gradient
+steps per env step) and ``DroQ`` (``softac_droq.yml``: critic dropout and layer norm, which the engine does not
+cover, so both rows take the autograd update). Their ``learn()`` calls take ``--steps`` / UTD env steps.
+
+For every setting and environment the script reports
 
 * env steps/s of a whole ``learn()`` call after a warm-up ``learn()`` (so the random-action phase of
   ``learning_starts`` and one-off allocations are excluded), as the median over alternating repetitions
   (A, B, A, B, ...) plus min/max, and the median of the paired per-repetition ratios;
+* the milliseconds per env step spent inside ``train()`` during those ``learn()`` calls, and elsewhere (acting,
+  the environment, the replay buffer, callbacks);
 * milliseconds per gradient step, timed by calling ``model.train(gradient_steps=G, batch_size=B)`` directly
   on the already-filled replay buffer, median and inter-quartile range over repetitions;
 * a FLOP floor for one SAC gradient step of this network configuration, the time that floor takes at the
   measured fp32 GEMM throughput of this machine (256x256x256 ``torch.mm``) and the implied maximum steps/s.
 
-Run ``python benchmarks/speed.py`` (about 7 min of CPU time, longer on a busy machine); quick check:
-``python benchmarks/speed.py --envs Pendulum-v1 --steps 300 --reps 3 --warmup 300 --grad-steps 50``.
+The report names the CPU model and its vector extensions: the ratios differ between CPUs.
+
+Run ``python benchmarks/speed.py`` (about 15 min of CPU time, longer on a busy machine); quick check:
+``python benchmarks/speed.py --envs Pendulum-v1 --settings SAC --steps 300 --reps 3 --warmup 300 --grad-steps 50``.
 """
 
 from __future__ import annotations
@@ -35,8 +46,22 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from common import package_version, set_torch_threads
+
 DEFAULT_ENVS: tuple[str, ...] = ("Pendulum-v1", "HalfCheetah-v5")
 REFERENCE_LABEL = "SB3"
+OURS_LABEL = "sb3_softac"
+AUTOGRAD_LABEL = "sb3_softac (autograd)"
+# The zoo file of each high update-to-data setting, and what the benchmark takes from it (the rest, such as
+# learning_starts or the network size, stays the benchmark's own). Its HalfCheetah-v5 entry serves every env.
+SETTING_FILES = {"REDQ": "softac_redq.yml", "DroQ": "softac_droq.yml"}
+SETTINGS: tuple[str, ...] = ("SAC", *SETTING_FILES)
+_SETTING_KEYS = ("gradient_steps", "policy_delay", "critic_subset_size", "actor_q_reduction", "policy_kwargs")
+# Vector extensions that matter for fp32/bf16 matrix products, in the order the report lists them.
+_VECTOR_FLAGS = (
+    *("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16"),
+    *("avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2", "bf16", "i8mm"),
+)
 
 
 @dataclass
@@ -47,16 +72,23 @@ class Contender:
     module: str
     sac_cls: Any
     version: str
+    #: extra constructor arguments (``update_engine="autograd"`` for the autograd row)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class EnvResult:
-    """Raw timings for one environment, keyed by contender label."""
+    """Raw timings for one setting on one environment, keyed by contender label."""
 
     env_id: str
     obs_dim: int
     act_dim: int
+    setting: str = "SAC"
+    reference: str = REFERENCE_LABEL
+    update_path: dict[str, str] = field(default_factory=dict)
     steps_per_s: dict[str, list[float]] = field(default_factory=dict)
+    train_ms_per_env_step: dict[str, list[float]] = field(default_factory=dict)
+    other_ms_per_env_step: dict[str, list[float]] = field(default_factory=dict)
     gemm_gflops: list[float] = field(default_factory=list)
     ms_per_grad_step: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -79,9 +111,7 @@ def pinned_threads(n_threads: int, cpu: int | None = None) -> Iterator[str]:
 
     old_threads = torch.get_num_threads()
     old_affinity: set[int] | None = None
-    torch.set_num_threads(n_threads)
-    with contextlib.suppress(RuntimeError):  # only allowed before the first inter-op parallel work
-        torch.set_num_interop_threads(n_threads)
+    set_torch_threads(n_threads)
     pin = "not pinned"
     if n_threads == 1 and hasattr(os, "sched_setaffinity"):
         try:
@@ -114,49 +144,69 @@ def configure_jax_threads(n_threads: int) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _version(module_name: str) -> str:
-    """Best-effort version string of an importable module or its distribution."""
-    module = sys.modules.get(module_name)
-    version = getattr(module, "__version__", None)
-    if isinstance(version, str):
-        return version
-    dist = {"stable_baselines3": "stable-baselines3", "sbx": "sbx-rl"}.get(module_name, module_name)
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
-
-def load_contenders(ours_module: str, with_sbx: bool) -> list[Contender]:
-    """Import the SAC classes: ours first, SB3 (the reference) second, SBX third when importable."""
-    contenders: list[Contender] = []
-    ours_label = "sb3_softac" if ours_module == "sb3_softac" else f"ours[{ours_module}]"
-    for label, module_name in ((ours_label, ours_module), (REFERENCE_LABEL, "stable_baselines3")):
-        module = importlib.import_module(module_name)
-        contenders.append(Contender(label, module_name, module.SAC, _version(module_name)))
+def load_contenders(with_sbx: bool) -> list[Contender]:
+    """Import the SAC classes: ours (engine, then autograd) first, SB3 (the reference), SBX last when importable."""
+    ours = importlib.import_module("sb3_softac")
+    contenders = [
+        Contender(OURS_LABEL, "sb3_softac", ours.SAC, package_version("sb3_softac")),
+        Contender(AUTOGRAD_LABEL, "sb3_softac", ours.SAC, package_version("sb3_softac"), {"update_engine": "autograd"}),
+    ]
+    sb3 = importlib.import_module("stable_baselines3")
+    contenders.append(Contender(REFERENCE_LABEL, "stable_baselines3", sb3.SAC, package_version("stable_baselines3")))
     if with_sbx:
         try:
             sbx = importlib.import_module("sbx")
         except Exception:  # sbx/jax may fail in many ways; it is optional
             pass
         else:
-            contenders.append(Contender("SBX", "sbx", sbx.SAC, _version("sbx")))
+            contenders.append(Contender("SBX", "sbx", sbx.SAC, package_version("sbx")))
     return contenders
 
 
-def make_model(contender: Contender, env_id: str, args: argparse.Namespace) -> Any:
-    """Build a SAC model with the shared hyper-parameters of this benchmark."""
+def setting_kwargs(setting: str) -> dict[str, Any]:
+    """Constructor arguments that define ``setting`` (none for plain SAC), from sb3_softac's zoo files."""
+    if setting == "SAC":
+        return {}
+    from common import zoo_hyperparams
+
+    settings = zoo_hyperparams("HalfCheetah-v5", SETTING_FILES[setting])
+    kwargs = {key: value for key, value in settings.items() if key in _SETTING_KEYS}
+    kwargs["policy_kwargs"] = {k: v for k, v in kwargs.get("policy_kwargs", {}).items() if k != "net_arch"}
+    return kwargs
+
+
+def make_model(contender: Contender, env_id: str, args: argparse.Namespace, setting: str = "SAC") -> Any:
+    """Build a SAC model with the shared hyper-parameters of this benchmark and those of ``setting``."""
     import gymnasium as gym
 
+    kwargs = {**setting_kwargs(setting), **contender.kwargs}
+    policy_kwargs = {"net_arch": list(args.net_arch), **kwargs.pop("policy_kwargs", {})}
     return contender.sac_cls(
         "MlpPolicy",
         gym.make(env_id),
         batch_size=args.batch_size,
         learning_starts=args.learning_starts,
-        policy_kwargs={"net_arch": list(args.net_arch)},
+        policy_kwargs=policy_kwargs,
         seed=args.seed,
         verbose=0,
+        **kwargs,
     )
+
+
+class _TrainTimer:
+    """Wraps a model's ``train`` to add up the wall-clock time spent inside it."""
+
+    def __init__(self, model: Any) -> None:
+        self.seconds = 0.0
+        self._train = model.train
+        model.train = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self._train(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -244,34 +294,56 @@ def _space_dim(space: Any) -> int:
     return dim
 
 
-def bench_env(env_id: str, contenders: Sequence[Contender], args: argparse.Namespace) -> EnvResult:
+def setting_contenders(setting: str, contenders: Sequence[Contender]) -> list[Contender]:
+    """Who runs ``setting``: everyone for plain SAC; sb3_softac (engine and autograd) for REDQ and DroQ."""
+    if setting == "SAC":
+        return list(contenders)
+    return [c for c in contenders if c.label in (OURS_LABEL, AUTOGRAD_LABEL)]
+
+
+def bench_env(
+    env_id: str, contenders: Sequence[Contender], args: argparse.Namespace, setting: str = "SAC"
+) -> EnvResult:
     """Time ``learn()`` and ``train()`` of every contender on ``env_id`` with alternating repetitions."""
     import gymnasium as gym
 
     probe = gym.make(env_id)
-    result = EnvResult(env_id, _space_dim(probe.observation_space), _space_dim(probe.action_space))
+    result = EnvResult(env_id, _space_dim(probe.observation_space), _space_dim(probe.action_space), setting)
     probe.close()
+    contenders = setting_contenders(setting, contenders)
+    labels = [c.label for c in contenders]
+    result.reference = REFERENCE_LABEL if REFERENCE_LABEL in labels else AUTOGRAD_LABEL
+    # A high update-to-data setting does gradient_steps updates per env step: as many updates per learn() as SAC.
+    steps = max(1, args.steps // int(setting_kwargs(setting).get("gradient_steps", 1)))
 
     models: dict[str, Any] = {}
+    timers: dict[str, _TrainTimer] = {}
     for contender in contenders:
         try:
-            model = make_model(contender, env_id, args)
+            model = make_model(contender, env_id, args, setting)
             model.learn(total_timesteps=args.warmup)
         except Exception as exc:  # report and keep benchmarking the others
             result.errors[contender.label] = f"{type(exc).__name__}: {exc}"
             continue
         models[contender.label] = model
-        result.steps_per_s[contender.label] = []
+        timers[contender.label] = _TrainTimer(model)
+        if hasattr(model, "update_path"):
+            result.update_path[contender.label] = model.update_path
+        for timings in (result.steps_per_s, result.train_ms_per_env_step, result.other_ms_per_env_step):
+            timings[contender.label] = []
         result.ms_per_grad_step[contender.label] = []
         _log(args, f"  {contender.label}: warm-up of {args.warmup} steps done")
 
     for rep in range(args.reps):
         for label, model in models.items():
-            before = int(model.num_timesteps)
+            before, in_train = int(model.num_timesteps), timers[label].seconds
             start = time.perf_counter()
-            model.learn(total_timesteps=args.steps, reset_num_timesteps=False)
+            model.learn(total_timesteps=steps, reset_num_timesteps=False)
             elapsed = time.perf_counter() - start
-            result.steps_per_s[label].append((int(model.num_timesteps) - before) / elapsed)
+            done, in_train = int(model.num_timesteps) - before, timers[label].seconds - in_train
+            result.steps_per_s[label].append(done / elapsed)
+            result.train_ms_per_env_step[label].append(1e3 * in_train / done)
+            result.other_ms_per_env_step[label].append(1e3 * (elapsed - in_train) / done)
         _log(args, f"  learn rep {rep + 1}/{args.reps}: " + _fmt_last(result.steps_per_s, "steps/s"))
 
     for model in models.values():  # untimed: first call may allocate / JIT-compile for this G
@@ -333,30 +405,9 @@ def render_report(
     header: str,
 ) -> str:
     """Markdown report: throughput table and FLOP-floor table."""
-    lines = [header, ""]
-    lines += [
-        "| env | algo | learn steps/s (median) | steps/s min-max | speed-up vs SB3 (learn) "
-        "| ms/grad step (median) | ms/grad step IQR | speed-up vs SB3 (grad step) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for res in results:
-        ref_rate = res.steps_per_s.get(REFERENCE_LABEL, [])
-        ref_ms = res.ms_per_grad_step.get(REFERENCE_LABEL, [])
-        for contender in contenders:
-            label = contender.label
-            if label in res.errors:
-                lines.append(f"| {res.env_id} | {label} | error: {res.errors[label]} | | | | | |")
-                continue
-            rates = res.steps_per_s[label]
-            ms = res.ms_per_grad_step[label]
-            q1, q3 = _quartiles(ms)
-            is_ref = label == REFERENCE_LABEL
-            learn_ratio = "1.00x (ref)" if is_ref else _fmt_ratio(_paired_ratios(rates, ref_rate, invert=False))
-            grad_ratio = "1.00x (ref)" if is_ref else _fmt_ratio(_paired_ratios(ms, ref_ms, invert=True))
-            lines.append(
-                f"| {res.env_id} | {label} | {statistics.median(rates):.1f} | {min(rates):.1f}-{max(rates):.1f} "
-                f"| {learn_ratio} | {statistics.median(ms):.2f} | {q1:.2f}-{q3:.2f} | {grad_ratio} |"
-            )
+    lines = [header]
+    for setting in dict.fromkeys(res.setting for res in results):
+        lines += _throughput_table([res for res in results if res.setting == setting], contenders)
     lines += [
         "",
         f"FLOP floor per gradient step (matmuls only) at the fp32 GEMM throughput of 256x256x256 torch.mm with "
@@ -368,6 +419,8 @@ def render_report(
         "|---|---:|---:|---:|---:|---:|---:" + "|---:" * len(contenders) + "|",
     ]
     for res in results:
+        if res.setting != "SAC":
+            continue
         flops = sac_step_flops(res.obs_dim, res.act_dim, args.net_arch, args.batch_size)
         gemm_gflops = statistics.median(res.gemm_gflops) if res.gemm_gflops else math.nan
         floor_ms = 1e3 * flops / (gemm_gflops * 1e9)
@@ -385,9 +438,49 @@ def render_report(
         f"learn: {args.reps} alternating repetitions of learn({args.steps}, reset_num_timesteps=False) after a "
         f"{args.warmup}-step warm-up learn (learning_starts={args.learning_starts}); speed-ups are medians of "
         "paired per-repetition ratios (range in brackets). grad step: "
-        f"{args.grad_reps} repetitions of train(gradient_steps={args.grad_steps}, batch_size={args.batch_size}).",
+        f"{args.grad_reps} repetitions of train(gradient_steps={args.grad_steps}, batch_size={args.batch_size}). "
+        "path: the update sb3_softac ran (its update_path). REDQ and DroQ: the settings of softac_redq.yml and "
+        "softac_droq.yml, learn() calls of --steps / UTD env steps, speed-ups against sb3_softac's autograd path.",
     ]
     return "\n".join(lines)
+
+
+def _throughput_table(results: Sequence[EnvResult], contenders: Sequence[Contender]) -> list[str]:
+    """One markdown table of env steps/s, time in and out of ``train()`` and ms per gradient step."""
+    reference = results[0].reference
+    lines = [
+        "",
+        f"Setting {results[0].setting}:",
+        "",
+        f"| env | algo | path | learn steps/s (median) | steps/s min-max | speed-up vs {reference} (learn) "
+        "| ms in train() / env step | ms elsewhere / env step "
+        f"| ms/grad step (median) | ms/grad step IQR | speed-up vs {reference} (grad step) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        ref_rate = res.steps_per_s.get(reference, [])
+        ref_ms = res.ms_per_grad_step.get(reference, [])
+        for contender in contenders:
+            label = contender.label
+            if label in res.errors:
+                lines.append(f"| {res.env_id} | {label} | | error: {res.errors[label]} | | | | | | | |")
+                continue
+            if label not in res.steps_per_s:
+                continue
+            rates = res.steps_per_s[label]
+            ms = res.ms_per_grad_step[label]
+            q1, q3 = _quartiles(ms)
+            is_ref = label == reference
+            learn_ratio = "1.00x (ref)" if is_ref else _fmt_ratio(_paired_ratios(rates, ref_rate, invert=False))
+            grad_ratio = "1.00x (ref)" if is_ref else _fmt_ratio(_paired_ratios(ms, ref_ms, invert=True))
+            lines.append(
+                f"| {res.env_id} | {label} | {res.update_path.get(label, '')} | {statistics.median(rates):.1f} "
+                f"| {min(rates):.1f}-{max(rates):.1f} | {learn_ratio} "
+                f"| {statistics.median(res.train_ms_per_env_step[label]):.2f} "
+                f"| {statistics.median(res.other_ms_per_env_step[label]):.2f} "
+                f"| {statistics.median(ms):.2f} | {q1:.2f}-{q3:.2f} | {grad_ratio} |"
+            )
+    return lines
 
 
 def _cpu_model() -> str:
@@ -397,6 +490,16 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "?"
+
+
+def _vector_extensions() -> str:
+    """The CPU's SIMD and matrix extensions that matter for the matrix products (``flags`` / ``Features``)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(flag for flag in _VECTOR_FLAGS if flag in flags) or "none of the listed"
+    return "unknown"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -409,6 +512,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("extra_envs", nargs="*", metavar="ENV_ID", help="extra Gymnasium ids to benchmark")
     parser.add_argument("--envs", nargs="+", default=None, help=f"replace the default envs {list(DEFAULT_ENVS)}")
+    parser.add_argument(
+        "--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="SAC, REDQ, DroQ (default: all)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 also pins to one CPU (default 1)")
     parser.add_argument("--cpu", type=int, default=None, help="CPU to pin to with --threads 1 (default: first allowed)")
     parser.add_argument("--steps", type=int, default=1000, help="env steps per measured learn() (default 1000)")
@@ -423,8 +529,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-sbx", action="store_true", help="skip SBX even when it is installed")
     parser.add_argument("--json", default=None, help="also write raw timings to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
-    # Development switch: module providing the "ours" SAC (e.g. stable_baselines3 to test the script itself).
-    parser.add_argument("--ours-module", default="sb3_softac", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warmup <= args.learning_starts:
         parser.error("--warmup must exceed --learning-starts so that the timed learn() is all training")
@@ -439,25 +543,29 @@ def main(argv: Sequence[str] | None = None) -> str:
     envs = list(dict.fromkeys([*(args.envs or DEFAULT_ENVS), *args.extra_envs]))
     configure_jax_threads(args.threads)
     with pinned_threads(args.threads, args.cpu) as thread_info:
-        contenders = load_contenders(args.ours_module, with_sbx=not args.no_sbx)
+        contenders = load_contenders(with_sbx=not args.no_sbx)
         _log(args, f"{thread_info}; contenders: {[c.label for c in contenders]}")
         results = []
-        for env_id in envs:
-            _log(args, f"{env_id}:")
-            results.append(bench_env(env_id, contenders, args))
+        for setting in args.settings:
+            for env_id in envs:
+                _log(args, f"{setting}, {env_id}:")
+                results.append(bench_env(env_id, contenders, args, setting))
     import torch
 
     header = (
         "## SAC speed: " + " vs ".join(f"{c.label} {c.version}" for c in contenders) + "\n\n"
-        f"CPU: {_cpu_model()}; {thread_info}; torch {torch.__version__}; Python {platform.python_version()}; "
-        f"net_arch={list(args.net_arch)}, batch_size={args.batch_size}, UTD=1, seed={args.seed}"
+        f"CPU: {_cpu_model()} (vector extensions: {_vector_extensions()}); {thread_info}; torch {torch.__version__}; "
+        f"Python {platform.python_version()}; "
+        f"net_arch={list(args.net_arch)}, batch_size={args.batch_size}, seed={args.seed}"
     )
     report = render_report(results, contenders, args, header)
     print(report, flush=True)
     if args.json:
         payload = {
             "args": vars(args),
-            "contenders": [{"label": c.label, "module": c.module, "version": c.version} for c in contenders],
+            "contenders": [
+                {"label": c.label, "module": c.module, "version": c.version, "kwargs": c.kwargs} for c in contenders
+            ],
             "results": [asdict(r) for r in results],
         }
         with open(args.json, "w", encoding="utf-8") as fh:

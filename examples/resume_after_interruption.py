@@ -26,6 +26,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 from sb3_softac import SAC
+from sb3_softac.files import AtomicVecNormalize
 
 PREFIX = "rl_model"  # CheckpointCallback's default name_prefix
 
@@ -42,7 +43,8 @@ def checkpoint_files(folder: Path, step: int) -> tuple[Path, Path, Path]:
 def load_latest_checkpoint(folder: Path, make_env) -> SAC | None:
     """Load the newest checkpoint whose three files are complete; None when there is none.
 
-    A process killed while saving leaves the newest files missing or truncated: those are skipped.
+    Each file is written atomically (``AtomicVecNormalize`` for the statistics), so a process killed while saving
+    leaves the newest checkpoint with files missing, never truncated: such a checkpoint is skipped.
     """
     pattern = re.compile(rf"^{PREFIX}_(\d+)_steps\.zip$")
     matches = (pattern.match(path.name) for path in folder.glob("*.zip"))
@@ -55,7 +57,7 @@ def load_latest_checkpoint(folder: Path, make_env) -> SAC | None:
             env = VecNormalize.load(str(vec_normalize_path), make_env())
             model = SAC.load(model_path, env=env)
             model.load_replay_buffer(buffer_path)
-        except Exception as error:  # a truncated zip or pickle: fall back to the previous checkpoint
+        except Exception as error:  # e.g. files written by an older version, in place: fall back to the previous one
             print(f"Skipping the checkpoint at step {step}: {type(error).__name__}: {error}")
             continue
         return model
@@ -96,7 +98,7 @@ def main() -> None:
         print(f"No checkpoint in {args.folder}: starting a new run")
         model = SAC(
             "MlpPolicy",
-            VecNormalize(make_env(), gamma=0.99),
+            AtomicVecNormalize(make_env(), gamma=0.99),  # VecNormalize, with atomic save() for CheckpointCallback
             learning_rate=1e-3,
             learning_starts=min(1_000, args.timesteps // 4),
             policy_kwargs=dict(net_arch=[64, 64]),

@@ -1,70 +1,84 @@
-"""Saved models: inspecting archives before loading them, and converting weights to and from SB3's SAC."""
+"""Converting saved models between SB3's SAC and sb3_softac: weights, optimizer states, archives and policy files.
 
+SB3 keeps one ``nn.Sequential`` per critic; sb3_softac one stacked ensemble. Everything else in an archive is
+copied as is, and what sb3_softac has that SB3 lacks is derived from the two libraries' constructor signatures.
+SB3 -> sb3_softac and sb3_softac -> SB3 are two separate pipelines over the helpers below.
+
+This module knows SB3's layouts, not sb3_softac's classes: the callers pass those in (``policy_aliases``,
+the algorithm class), which keeps the imports one-way (``sac``, ``policies`` and ``archives`` import it).
+"""
+
+import inspect
 import io
-import json
-import pathlib
 import re
-import zipfile
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import stable_baselines3 as sb3
 import torch as th
-from stable_baselines3.common.save_util import json_to_data, load_from_zip_file, open_path, save_to_zip_file
+from gymnasium import spaces
+from stable_baselines3.common.save_util import load_from_zip_file, save_to_zip_file
 from stable_baselines3.sac import policies as sb3_policies
 
+from sb3_softac import files
 
-def read_saved_data(path: str | pathlib.Path | io.BufferedIOBase, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Read some entries of the ``data`` part of an SB3 model archive, without loading any weights.
+#: The modules that define each library's SAC policy classes.
+SOFTAC_POLICIES = "sb3_softac.policies"
+SB3_POLICIES = sb3_policies.__name__
 
-    :param path: the archive, as ``BaseAlgorithm.load`` accepts it (the ``.zip`` suffix may be left out)
-    :param keys: entries to read
-    :return: the entries that the archive holds, deserialised
+
+def policy_class_named(name: str | None, policy_aliases: Mapping[str, type]) -> type | None:
+    """sb3_softac's policy class of a name that either library gives its policies, or None.
+
+    :param name: ``SACPolicy``, ``MlpPolicy``, ``CnnPolicy`` or ``MultiInputPolicy`` (the same in both libraries)
+    :param policy_aliases: sb3_softac's policy classes by name (``SAC.policy_aliases``)
     """
-    file = open_path(path, "r", verbose=0, suffix="zip")
-    start = file.tell()
-    try:
-        with zipfile.ZipFile(file) as archive:
-            data = json.loads(archive.read("data").decode())
-    except (zipfile.BadZipFile, KeyError) as error:
-        raise ValueError(f"{path} is not a model saved by Stable-Baselines3 (no zip with 'data').") from error
-    finally:
-        # A caller's stream stays open and rewound, for the actual load; only a file opened here is closed.
-        file.seek(start)
-        if not isinstance(path, io.BufferedIOBase):
-            file.close()
-    return json_to_data(json.dumps({key: data[key] for key in keys if key in data}))
+    return policy_aliases.get("MlpPolicy" if name == "SACPolicy" else name or "")
 
 
-def saved_policy_origin(path: str | pathlib.Path | io.BufferedIOBase) -> str:
-    """Say whose SAC an archive holds: ``"sb3_softac"`` or ``"stable_baselines3"``.
+# ---------------------------------------------------------------------------------------------------------------------
+# Settings that only sb3_softac has
 
-    :param path: the archive
-    :raises ValueError: naming what the archive holds when it is neither
-    """
-    from sb3_softac.policies import SACPolicy
 
-    policy_class = read_saved_data(path, ("policy_class",)).get("policy_class")
-    if isinstance(policy_class, type) and issubclass(policy_class, SACPolicy):
-        return "sb3_softac"
-    if isinstance(policy_class, type) and issubclass(policy_class, sb3_policies.SACPolicy):
-        return "stable_baselines3"
-    if isinstance(policy_class, type):
-        holds = f"a {policy_class.__module__}.{policy_class.__qualname__} policy"
-    else:
-        holds = "no readable policy class"
-    raise ValueError(
-        f"{path} is not a SAC model: it holds {holds}. "
-        "Load it with the algorithm class that saved it (e.g. stable_baselines3.PPO.load)."
-    )
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` and their defaults, through its base classes (the subclass's win)."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            for name, parameter in inspect.signature(vars(klass)["__init__"]).parameters.items():
+                if parameter.default is not inspect.Parameter.empty:
+                    defaults[name] = parameter.default
+    return defaults
 
+
+def softac_only_defaults(ours: type, theirs: type) -> dict[str, Any]:
+    """Arguments of ``ours`` that SB3's ``theirs`` lacks, with the defaults that make ours behave as SB3's."""
+    sb3_names = constructor_defaults(theirs).keys()
+    return {
+        name: value
+        for name, value in constructor_defaults(ours).items()
+        if name not in sb3_names and not name.startswith("_")
+    }
+
+
+# sb3_softac-only arguments that choose how the update is computed, not what it computes: with any value the model
+# is SB3's SAC (they are dropped for SB3 like the others, never refused).
+_IMPLEMENTATION_CHOICES = ("update_engine",)
+# Attributes that SAC._setup_model derives from sb3_softac-only arguments (dropped with them).
+_DERIVED_SOFTAC_ATTRIBUTES = ("qf_lr_schedule",)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Critic weights: SB3's per-critic layers and sb3_softac's stacked ensemble
 
 # SB3 keeps one nn.Sequential per critic ("critic.qf1.2.weight", Linear weights stored (out, in)); we keep one
 # stacked ensemble ("critic.q_networks.2.weight", stored (n_critics, in, out)). Layer indices coincide when the
 # ensemble has neither dropout nor layer norm.
 _MODULE = r"^(?P<module>(?:.+\.)?critic(?:_target)?)"
-_SB3_CRITIC_KEY = re.compile(_MODULE + r"\.qf(?P<member>\d+)\.(?P<layer>\d+)\.(?P<kind>weight|bias)$")
-_OUR_CRITIC_KEY = re.compile(_MODULE + r"\.q_networks\.(?P<layer>\d+)\.(?P<kind>weight|bias)$")
+SB3_CRITIC_KEY = re.compile(_MODULE + r"\.qf(?P<member>\d+)\.(?P<layer>\d+)\.(?P<kind>weight|bias)$")
+OUR_CRITIC_KEY = re.compile(_MODULE + r"\.q_networks\.(?P<layer>\d+)\.(?P<kind>weight|bias)$")
 
 
 def critic_tensor_from_sb3(kind: str, members: list[th.Tensor]) -> th.Tensor:
@@ -87,24 +101,41 @@ def critic_tensor_to_sb3(kind: str, stacked: th.Tensor) -> list[th.Tensor]:
     return [member.squeeze(0).clone() for member in stacked]
 
 
-def state_dict_from_sb3(state: Mapping[str, th.Tensor]) -> dict[str, th.Tensor]:
+def state_dict_from_sb3(state: Mapping[str, th.Tensor], source: Any = "the state dict") -> dict[str, th.Tensor]:
     """Convert a state dict of an SB3 ``SACPolicy`` (or of its critics) to sb3_softac's layout.
 
     :param state: the SB3 state dict
-    :return: the same tensors, with every critic layer stacked into its ensemble layer
+    :param source: what holds it, for error messages
+    :return: the same tensors, with every critic layer stacked into its ensemble layer, in SB3's key order
+    :raises ValueError: when a critic lacks a layer that another critic has
     """
-    converted: dict[str, th.Tensor] = {}
-    layers: dict[tuple[str, str, str], dict[int, th.Tensor]] = defaultdict(dict)
+    layers: dict[str, dict[tuple[str, str], dict[int, th.Tensor]]] = defaultdict(lambda: defaultdict(dict))
     for key, value in state.items():
-        match = _SB3_CRITIC_KEY.match(key)
+        if match := SB3_CRITIC_KEY.match(key):
+            layers[match["module"]][match["layer"], match["kind"]][int(match["member"])] = value
+    converted: dict[str, th.Tensor] = {}
+    written: set[str] = set()
+    for key, value in state.items():
+        match = SB3_CRITIC_KEY.match(key)
         if match is None:
             converted[key] = value
-        else:
-            layers[match["module"], match["layer"], match["kind"]][int(match["member"])] = value
-    for (module, layer, kind), members in layers.items():
-        converted[f"{module}.q_networks.{layer}.{kind}"] = critic_tensor_from_sb3(
-            kind, [members[i] for i in range(len(members))]
-        )
+            continue
+        module = match["module"]
+        if module in written:
+            continue
+        written.add(module)
+        # The ensemble's layers go where SB3's first critic had them, in SB3's layer order, which is ours.
+        n_critics = 1 + max(member for members in layers[module].values() for member in members)
+        for (layer, kind), members in layers[module].items():
+            absent = [f"{module}.qf{i}.{layer}.{kind}" for i in range(n_critics) if i not in members]
+            if absent:
+                raise ValueError(
+                    f"{source} is incomplete: its SB3 critics have {n_critics} members, but {absent} is missing. "
+                    "The weights were damaged or edited: use an earlier copy, or save the model again."
+                )
+            converted[f"{module}.q_networks.{layer}.{kind}"] = critic_tensor_from_sb3(
+                kind, [members[i] for i in range(n_critics)]
+            )
     return converted
 
 
@@ -114,29 +145,31 @@ def state_dict_to_sb3(state: Mapping[str, th.Tensor]) -> dict[str, th.Tensor]:
     :param state: the sb3_softac state dict (its critics without dropout or layer norm)
     :return: the same tensors, with every ensemble layer split into one layer per critic
     """
-    ensembles: dict[str, list[tuple[re.Match[str], th.Tensor]]] = defaultdict(list)
+    ensembles: dict[str, list[tuple[str, str, th.Tensor]]] = defaultdict(list)
     for key, value in state.items():
-        if (match := _OUR_CRITIC_KEY.match(key)) is not None:
-            ensembles[match["module"]].append((match, value))
+        if match := OUR_CRITIC_KEY.match(key):
+            ensembles[match["module"]].append((match["layer"], match["kind"], value))
     converted: dict[str, th.Tensor] = {}
+    written: set[str] = set()
     for key, value in state.items():
-        match = _OUR_CRITIC_KEY.match(key)
+        match = OUR_CRITIC_KEY.match(key)
         if match is None:
             converted[key] = value
-        elif f"{match['module']}.qf0.{match['layer']}.{match['kind']}" not in converted:
-            # SB3 registers its critics one after the other, so its parameter order (which optimizer
-            # states follow) is critic by critic, layer by layer within each.
-            layers = ensembles[match["module"]]
+        elif match["module"] not in written:
+            # The whole ensemble goes where its first layer stood, critic by critic and layer by layer within
+            # each: the order in which SB3 registers its parameters, which its optimizer states follow.
+            module = match["module"]
+            written.add(module)
+            members = {(layer, kind): critic_tensor_to_sb3(kind, tensor) for layer, kind, tensor in ensembles[module]}
             for member in range(value.shape[0]):
-                for layer, tensor in layers:
-                    name = f"{layer['module']}.qf{member}.{layer['layer']}.{layer['kind']}"
-                    converted[name] = critic_tensor_to_sb3(layer["kind"], tensor)[member]
+                for (layer, kind), tensors in members.items():
+                    converted[f"{module}.qf{member}.{layer}.{kind}"] = tensors[member]
     return converted
 
 
-# Options that only sb3_softac has, with the values that make it behave as SB3's SAC.
-_SOFTAC_ONLY_POLICY_KWARGS = {"dropout_rate": 0.0, "layer_norm": False}
-_SOFTAC_ONLY_ATTRIBUTES = {"policy_delay": 1, "qf_learning_rate": None, "critic_subset_size": None}
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimizer states follow their parameters
+
 _BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -152,31 +185,31 @@ def _critic_optimizer_names(policy_state: Mapping[str, th.Tensor], shared_extrac
     ]
 
 
-def _convert_optimizer_state(
+def _reindex_optimizer_state(
     state: dict[str, Any],
     source_names: list[str],
     target_names: list[str],
-    convert_state: Any,
+    state_of: Callable[[str, dict[str, dict[str, Any]]], dict[str, Any] | None],
 ) -> dict[str, Any]:
     """Re-index an optimizer state dict from one parameter layout to another.
 
     :param state: the optimizer's state dict, indexed by position in ``source_names``
     :param source_names: parameter names of the source layout, in optimizer order
     :param target_names: parameter names of the target layout, in optimizer order
-    :param convert_state: ``(target_name, {source_name: per-parameter state}) -> per-parameter state``
+    :param state_of: ``(target name, {source name: per-parameter state}) -> per-parameter state`` (None: none yet)
     """
     by_name = {name: state["state"][index] for index, name in enumerate(source_names) if index in state["state"]}
     new_state = {}
     for index, name in enumerate(target_names):
-        converted = convert_state(name, by_name)
-        if converted is not None:
+        if (converted := state_of(name, by_name)) is not None:
             new_state[index] = converted
     groups = [dict(group, params=list(range(len(target_names)))) for group in state["param_groups"]]
     return {"state": new_state, "param_groups": groups}
 
 
-def _merge_member_states(name: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    match = _OUR_CRITIC_KEY.match(name)
+def _stacked_member_states(name: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The Adam state of our ensemble parameter ``name``, stacked from SB3's per-critic states."""
+    match = OUR_CRITIC_KEY.match(name)
     if match is None:
         return by_name.get(name)
     members: list[dict[str, Any]] = []
@@ -190,8 +223,9 @@ def _merge_member_states(name: str, by_name: dict[str, dict[str, Any]]) -> dict[
     }
 
 
-def _split_member_state(name: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    match = _SB3_CRITIC_KEY.match(name)
+def _member_state(name: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The Adam state of SB3's per-critic parameter ``name``, sliced from our stacked state."""
+    match = SB3_CRITIC_KEY.match(name)
     if match is None:
         return by_name.get(name)
     stacked = by_name.get(f"{match['module']}.q_networks.{match['layer']}.{match['kind']}")
@@ -204,102 +238,191 @@ def _split_member_state(name: str, by_name: dict[str, dict[str, Any]]) -> dict[s
     }
 
 
-def _policy_class_named(name: str, module: Any) -> type:
-    # SB3 and sb3_softac both expose SACPolicy (= MlpPolicy), CnnPolicy and MultiInputPolicy.
-    return getattr(module, "SACPolicy" if name in ("SACPolicy", "MlpPolicy") else name)
+def keep_built_implementation(optimizers: Iterable[th.optim.Optimizer]) -> None:
+    """Give each optimizer back the fused implementation it was built with, after loading a state into it.
+
+    ``load_state_dict`` takes every key of the saved param groups, ``fused`` included. An SB3 archive says None
+    (SB3 builds plain Adam), which would switch our fused optimizers to the per-tensor loop: slower, and unable to
+    take the non-finite guard's ``found_inf``. PyTorch records a fused build in ``_step_supports_amp_scaling``.
+
+    :param optimizers: the loaded model's optimizers
+    """
+    for optimizer in optimizers:
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            for group in optimizer.param_groups:
+                group.update(fused=True, foreach=None)  # fused and foreach exclude each other
 
 
-def _convert_archive(
-    path: str | pathlib.Path | io.BufferedIOBase, to_sb3: bool, device: th.device | str = "cpu"
-) -> io.BytesIO:
-    from sb3_softac import policies as softac_policies
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole archives: SB3 -> sb3_softac, and sb3_softac -> SB3
 
-    data, tensors, pytorch_variables = load_from_zip_file(path, device=device)
-    if data is None:
-        raise ValueError(f"{path} holds no model data to convert.")
-    params: dict[str, Any] = dict(tensors)  # state dicts by name (SB3 types them as tensors)
-    shared = bool(data.get("policy_kwargs", {}).get("share_features_extractor", False))
-    source_state = params["policy"]
-    if to_sb3:
-        _check_sb3_can_represent(data)
-        params["policy"] = state_dict_to_sb3(source_state)
-        merge = _split_member_state
-        data["policy_class"] = _policy_class_named(data["policy_class"].__name__, sb3_policies)
-        for name in _SOFTAC_ONLY_ATTRIBUTES:
-            data.pop(name, None)
-        data.pop("qf_lr_schedule", None)
-        data["policy_kwargs"] = {
-            key: value for key, value in data.get("policy_kwargs", {}).items() if key not in _SOFTAC_ONLY_POLICY_KWARGS
-        }
-        # Our optimizers default to fused Adam; hand SB3 the implementation choice it makes itself.
-        for name in ("actor.optimizer", "critic.optimizer", "ent_coef_optimizer"):
-            for group in params.get(name, {}).get("param_groups", []):
-                if group.get("fused"):
-                    group["fused"] = None
-    else:
-        params["policy"] = state_dict_from_sb3(source_state)
-        merge = _merge_member_states
-        data["policy_class"] = _policy_class_named(data["policy_class"].__name__, softac_policies)
-    if "critic.optimizer" in params:
-        params["critic.optimizer"] = _convert_optimizer_state(
-            params["critic.optimizer"],
-            _critic_optimizer_names(source_state, shared),
-            _critic_optimizer_names(params["policy"], shared),
-            merge,
+
+@dataclass
+class _Contents:
+    data: dict[str, Any]
+    params: dict[str, Any]  # state dicts by name (SB3 types them as tensors)
+    pytorch_variables: Any
+
+    @property
+    def shared_extractor(self) -> bool:
+        return bool((self.data.get("policy_kwargs") or {}).get("share_features_extractor", False))
+
+    def write(self, destination: files.Destination) -> None:
+        save_to_zip_file(destination, data=self.data, params=self.params, pytorch_variables=self.pytorch_variables)
+
+
+def _read_contents(path: files.Destination, custom_objects: Mapping[str, Any] | None) -> _Contents:
+    data, params, pytorch_variables = load_from_zip_file(path, custom_objects=dict(custom_objects or {}), device="cpu")
+    assert data is not None  # read_archive checked that there is a 'data' member
+    return _Contents(data, dict(params), pytorch_variables)
+
+
+def sb3_archive_to_softac(
+    path: files.Destination, policy_aliases: Mapping[str, type], custom_objects: Mapping[str, Any] | None = None
+) -> tuple[io.BytesIO, dict[str, Any]]:
+    """Convert an archive written by ``stable_baselines3.SAC.save`` into an sb3_softac archive, in memory.
+
+    Weights, optimizer states, the entropy coefficient and the training state carry over unchanged. The
+    archive's ``data`` is deserialised once, honouring ``custom_objects`` as SB3's loader does.
+
+    :param path: the SB3 archive
+    :param policy_aliases: sb3_softac's policy classes by name (``SAC.policy_aliases``)
+    :param custom_objects: substitutes for entries of ``data``, which are then not unpickled
+    :return: the converted archive, and its deserialised ``data`` (pass it as ``custom_objects`` when loading
+        the converted archive, so that nothing is unpickled twice)
+    """
+    contents = _read_contents(path, custom_objects)
+    contents.data["policy_class"] = _softac_policy_class(path, contents.data.get("policy_class"), policy_aliases)
+    sb3_state = contents.params["policy"]
+    contents.params["policy"] = state_dict_from_sb3(sb3_state, source=f"{path} (policy.pth)")
+    if "critic.optimizer" in contents.params:
+        contents.params["critic.optimizer"] = _reindex_optimizer_state(
+            contents.params["critic.optimizer"],
+            _critic_optimizer_names(sb3_state, contents.shared_extractor),
+            _critic_optimizer_names(contents.params["policy"], contents.shared_extractor),
+            _stacked_member_states,
         )
     converted = io.BytesIO()
-    save_to_zip_file(converted, data=data, params=params, pytorch_variables=pytorch_variables)
+    contents.write(converted)
     converted.seek(0)
-    return converted
+    return converted, contents.data
 
 
-def _check_sb3_can_represent(data: dict[str, Any]) -> None:
-    """Raise a ``ValueError`` naming each sb3_softac-only option that the model uses."""
-    from gymnasium import spaces
+def _softac_policy_class(path: Any, saved: Any, policy_aliases: Mapping[str, type]) -> type:
+    """sb3_softac's policy class for the class of an SB3 archive (kept when it already is one of ours)."""
+    ours = policy_aliases["MlpPolicy"]
+    if isinstance(saved, type) and issubclass(saved, ours):
+        return saved
+    named = policy_class_named(saved.__name__, policy_aliases) if isinstance(saved, type) else None
+    if named is not None and saved.__module__ == sb3_policies.__name__:
+        return named
+    raise ValueError(
+        f"{path} holds an SB3 SAC model with the policy class {saved!r}, which has no sb3_softac counterpart. Pass "
+        f"custom_objects={{'policy_class': ...}} with a subclass of {ours.__module__}.{ours.__qualname__} that "
+        "builds the same networks."
+    )
 
-    problems = [
-        f"policy_kwargs {key}={data['policy_kwargs'][key]!r}"
-        for key, default in _SOFTAC_ONLY_POLICY_KWARGS.items()
-        if data.get("policy_kwargs", {}).get(key, default) != default
-    ]
+
+def softac_archive_to_sb3(source: files.Destination, destination: files.Destination, algorithm: type) -> None:
+    """Write an sb3_softac archive as one that ``stable_baselines3.SAC.load`` reads, atomically.
+
+    :param source: the sb3_softac archive
+    :param destination: where to write the SB3 archive (named as ``save`` names it)
+    :param algorithm: the sb3_softac algorithm class that wrote it (its defaults say what SB3 can represent)
+    :raises ValueError: when the model uses an option that SB3's SAC does not have
+    """
+    contents = _read_contents(source, None)
+    data = contents.data
+    data["policy_class"] = check_sb3_can_represent(
+        data["policy_class"], data.get("policy_kwargs") or {}, data.get("action_space"), algorithm, data
+    )
+    for name in [*softac_only_defaults(algorithm, sb3.SAC), *_DERIVED_SOFTAC_ATTRIBUTES]:
+        data.pop(name, None)
+    data["policy_kwargs"] = _sb3_policy_kwargs(data.get("policy_kwargs") or {}, data["policy_class"])
+    softac_state = contents.params["policy"]
+    contents.params["policy"] = state_dict_to_sb3(softac_state)
+    if "critic.optimizer" in contents.params:
+        contents.params["critic.optimizer"] = _reindex_optimizer_state(
+            contents.params["critic.optimizer"],
+            _critic_optimizer_names(softac_state, contents.shared_extractor),
+            _critic_optimizer_names(contents.params["policy"], contents.shared_extractor),
+            _member_state,
+        )
+    # Our optimizers default to fused Adam; hand SB3 the implementation choice it makes itself.
+    for name in ("actor.optimizer", "critic.optimizer", "ent_coef_optimizer"):
+        for group in contents.params.get(name, {}).get("param_groups", []):
+            if group.get("fused"):
+                group["fused"] = None
+    files.write_atomically(destination, contents.write, suffix="zip")
+
+
+def check_sb3_can_represent(
+    policy_class: type,
+    policy_kwargs: Mapping[str, Any],
+    action_space: Any,
+    algorithm: type | None = None,
+    attributes: Mapping[str, Any] | None = None,
+) -> type:
+    """Find SB3's policy class for ours, or raise a ``ValueError`` naming each sb3_softac-only option in use.
+
+    :param policy_class: the sb3_softac policy class
+    :param policy_kwargs: the policy's keyword arguments (or all its constructor parameters)
+    :param action_space: the action space
+    :param algorithm: the sb3_softac algorithm class, to check ``attributes`` against (None: a policy alone)
+    :param attributes: the algorithm's saved attributes
+    :return: SB3's policy class of the same name
+    """
+    sb3_class = getattr(sb3_policies, policy_class.__name__, None)
+    ours = policy_class.__module__ == SOFTAC_POLICIES and sb3_class is not None
+    problems = [] if ours else [f"the custom policy class {policy_class.__module__}.{policy_class.__qualname__}"]
     problems += [
-        f"{key}={data[key]!r}" for key, default in _SOFTAC_ONLY_ATTRIBUTES.items() if data.get(key, default) != default
+        f"policy_kwargs {key}={policy_kwargs[key]!r}"
+        for key, default in softac_only_defaults(policy_class, sb3_policies.SACPolicy).items()
+        if policy_kwargs.get(key, default) != default
     ]
-    if isinstance(data.get("action_space"), spaces.Discrete):
-        problems.append(f"the {data['action_space']} action space")
-    if problems:
+    if algorithm is not None and attributes is not None:
+        problems += [
+            f"{key}={attributes[key]!r}"
+            for key, default in softac_only_defaults(algorithm, sb3.SAC).items()
+            if key not in _IMPLEMENTATION_CHOICES and attributes.get(key, default) != default
+        ]
+    if isinstance(action_space, spaces.Discrete):
+        problems.append(f"the {action_space} action space")
+    if problems or sb3_class is None:
         raise ValueError(
             "This model cannot be written as a stable_baselines3.SAC checkpoint: SB3's SAC has no equivalent of "
             + ", ".join(problems)
-            + ". Train with those options at their defaults to exchange checkpoints with SB3."
+            + ". Train with those options at their defaults (and sb3_softac's own policy classes) to exchange "
+            "checkpoints with SB3."
         )
+    return sb3_class
 
 
-def sb3_archive_to_softac(path: str | pathlib.Path | io.BufferedIOBase) -> io.BytesIO:
-    """Convert an archive written by ``stable_baselines3.SAC.save`` into an sb3_softac archive, in memory.
+def _sb3_policy_kwargs(kwargs: Mapping[str, Any], sb3_policy_class: type) -> dict[str, Any]:
+    """``kwargs`` without the arguments that SB3's policy does not take (checked to be at their defaults)."""
+    return {key: value for key, value in kwargs.items() if key in _parameter_names(sb3_policy_class)}
 
-    Weights, optimizer states, the entropy coefficient and the training state carry over unchanged.
 
-    :param path: the SB3 archive
-    :return: the converted archive, ready for :meth:`sb3_softac.SAC.load`
+def _parameter_names(cls: type) -> set[str]:
+    return {
+        name
+        for klass in cls.__mro__
+        if "__init__" in vars(klass)
+        for name, parameter in inspect.signature(vars(klass)["__init__"]).parameters.items()
+        if parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Policy-only files (``policy.save`` / ``Policy.load``): ``torch.save({"state_dict": ..., "data": kwargs})``
+
+
+def policy_file_for_sb3(policy: Any) -> dict[str, Any]:
+    """What ``stable_baselines3.sac.policies.SACPolicy.load`` reads: SB3's constructor arguments and layout.
+
+    :param policy: an sb3_softac ``SACPolicy``
+    :raises ValueError: naming each option SB3's policy does not have
     """
-    return _convert_archive(path, to_sb3=False)
-
-
-def softac_archive_to_sb3(
-    source: str | pathlib.Path | io.BufferedIOBase, destination: str | pathlib.Path | io.BufferedIOBase
-) -> None:
-    """Write an sb3_softac archive as one that ``stable_baselines3.SAC.load`` reads.
-
-    :param source: the sb3_softac archive
-    :param destination: where to write the SB3 archive
-    :raises ValueError: when the model uses an option that SB3's SAC does not have
-    """
-    converted = _convert_archive(source, to_sb3=True)
-    # Named and created exactly as ``save`` does it (".zip" added only without a suffix, folders created).
-    file = open_path(destination, "w", verbose=0, suffix="zip")
-    try:
-        file.write(converted.getvalue())
-    finally:
-        if not isinstance(destination, io.BufferedIOBase):
-            file.close()
+    data = policy._get_constructor_parameters()
+    sb3_class = check_sb3_can_represent(type(policy), data, data["action_space"])
+    return {"state_dict": state_dict_to_sb3(policy.state_dict()), "data": _sb3_policy_kwargs(data, sb3_class)}

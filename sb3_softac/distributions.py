@@ -77,3 +77,106 @@ def categorical_probs(logits: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
     """
     log_probs = F.log_softmax(logits, dim=-1)
     return log_probs.exp(), log_probs
+
+
+def squashed_gaussian_inverse(actions: th.Tensor) -> th.Tensor:
+    """Pre-squash actions ``u = atanh(a)`` of squashed actions ``a`` in ``[-1, 1]``.
+
+    ``a`` is first clamped to ``[-1 + eps, 1 - eps]`` (``eps`` the dtype's machine epsilon), since
+    ``atanh(+-1)`` is infinite while a float ``tanh`` reaches ``+-1`` for any ``|u|`` above ~9 (float32).
+    Inside that range the inverse is exact.
+
+    :param actions: squashed actions, any shape
+    :return: tensor of the same shape
+    """
+    bound = 1.0 - th.finfo(actions.dtype).eps
+    return th.atanh(actions.clamp(-bound, bound))
+
+
+class SquashedDiagGaussianDistribution:
+    """The actor's tanh-squashed diagonal Gaussian, with the interface of SB3's distributions.
+
+    A thin object over the pure functions of this module, for code written against
+    ``actor.action_dist``: ``proba_distribution(mean, log_std)`` sets the parameters (and returns
+    ``self``); the other methods use them. Log-probabilities are the exact ones the SAC update uses.
+    Only the parameters are kept: a sample's log-probability is computed from the squashed actions
+    themselves, never from a pre-squash sample remembered from an earlier call.
+
+    :param action_dim: number of action dimensions
+    """
+
+    def __init__(self, action_dim: int) -> None:
+        self.action_dim = action_dim
+        self.mean: th.Tensor | None = None
+        self.log_std: th.Tensor | None = None
+
+    def _parameters(self) -> tuple[th.Tensor, th.Tensor]:
+        if self.mean is None or self.log_std is None:
+            raise RuntimeError(
+                "The distribution has no parameters yet: call proba_distribution(mean, log_std) first, e.g. with "
+                "actor.get_action_dist_params(obs)."
+            )
+        return self.mean, self.log_std
+
+    def proba_distribution(self, mean_actions: th.Tensor, log_std: th.Tensor) -> "SquashedDiagGaussianDistribution":
+        """Set the parameters.
+
+        :param mean_actions: Gaussian means, shape ``(batch, action_dim)``
+        :param log_std: Gaussian log standard deviations, broadcastable to the means
+        :return: self
+        """
+        if mean_actions.shape[-1] != self.action_dim:
+            raise ValueError(
+                f"mean_actions has {mean_actions.shape[-1]} action dimensions, this distribution {self.action_dim}."
+            )
+        self.mean, self.log_std = mean_actions, log_std
+        return self
+
+    def log_prob(self, actions: th.Tensor) -> th.Tensor:
+        """``log pi(a|s)`` of squashed actions ``a`` in ``[-1, 1]``, shape ``(batch,)``.
+
+        :param actions: squashed actions, shape ``(batch, action_dim)`` (see :func:`squashed_gaussian_inverse`
+            for actions at the bounds)
+        """
+        mean, log_std = self._parameters()
+        return squashed_gaussian_log_prob(squashed_gaussian_inverse(actions), mean, log_std)
+
+    def entropy(self) -> None:
+        """None: the entropy of a tanh-squashed Gaussian has no closed form (SB3 returns None too).
+
+        Estimate it as ``-log_prob`` of samples, e.g. ``-log_prob_from_params(mean, log_std)[1].mean()``.
+        """
+        return None
+
+    def sample(self) -> th.Tensor:
+        """A reparameterised sample of squashed actions, shape ``(batch, action_dim)``."""
+        return sample_squashed_gaussian(*self._parameters())[0]
+
+    def mode(self) -> th.Tensor:
+        """The deterministic action ``tanh(mean)``, shape ``(batch, action_dim)``."""
+        return th.tanh(self._parameters()[0])
+
+    def get_actions(self, deterministic: bool = False) -> th.Tensor:
+        """:meth:`mode` when deterministic, else :meth:`sample`."""
+        return self.mode() if deterministic else self.sample()
+
+    def actions_from_params(
+        self, mean_actions: th.Tensor, log_std: th.Tensor, deterministic: bool = False
+    ) -> th.Tensor:
+        """Set the parameters, then :meth:`get_actions`."""
+        return self.proba_distribution(mean_actions, log_std).get_actions(deterministic)
+
+    def log_prob_from_params(self, mean_actions: th.Tensor, log_std: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """Set the parameters, then draw squashed actions and their log-probabilities (as the SAC update does).
+
+        :return: actions ``(batch, action_dim)`` and log-probabilities ``(batch,)``
+        """
+        return sample_squashed_gaussian(*self.proba_distribution(mean_actions, log_std)._parameters())
+
+    def __getstate__(self) -> dict[str, int]:
+        # The parameters belong to one call; copies and pickles (deepcopy of a policy, th.save) start without
+        # them, which also keeps non-leaf tensors, which cannot be deep-copied, out of the copy.
+        return {"action_dim": self.action_dim}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["action_dim"])  # type: ignore[misc]

@@ -7,23 +7,59 @@ number of actions for discrete ones (Q of every action). For discrete policies, 
 expectations over actions are taken exactly (Christodoulou 2019, eqs. 10-12) instead of by sampling.
 """
 
+from typing import Literal
+
 import torch as th
+
+#: How the actor's objective reduces the critic ensemble (see :func:`reduce_critics`).
+CriticReduction = Literal["min", "mean"]
+CRITIC_REDUCTIONS: tuple[CriticReduction, ...] = ("min", "mean")
+
+
+def draw_critic_subset(n_critics: int, subset_size: int | None, device: th.device | str) -> th.Tensor | None:
+    """REDQ's random subset of critics for one target (Chen et al. 2021, algorithm 1, line 6).
+
+    :param n_critics: ensemble size
+    :param subset_size: number of critics to draw without replacement; ``None`` means all of them
+    :param device: where the indices live (and whose generator draws them)
+    :return: the indices, shape ``(subset_size,)``, or None when the subset is the whole ensemble
+    """
+    if subset_size is None or subset_size >= n_critics:
+        return None
+    return th.randperm(n_critics, device=device)[:subset_size]
 
 
 def min_over_critics(q_values: th.Tensor, subset_size: int | None = None) -> th.Tensor:
     """Clipped double-Q: the minimum over the critic ensemble (TD3, Fujimoto et al. 2018).
 
     With ``subset_size``, the minimum is taken over that many critics drawn at random without
-    replacement, as in REDQ's in-target minimisation (Chen et al. 2021, algorithm 1, line 6).
+    replacement (:func:`draw_critic_subset`), as in REDQ's in-target minimisation.
 
     :param q_values: shape ``(n_critics, batch, k)``
     :param subset_size: number of critics to take the minimum over; ``None`` means all of them
     :return: shape ``(batch, k)``
     """
-    if subset_size is not None and subset_size < q_values.shape[0]:
-        subset = th.randperm(q_values.shape[0], device=q_values.device)[:subset_size]
+    subset = draw_critic_subset(q_values.shape[0], subset_size, q_values.device)
+    if subset is not None:
         q_values = q_values.index_select(0, subset)
     return q_values.min(dim=0).values
+
+
+def reduce_critics(q_values: th.Tensor, reduction: CriticReduction) -> th.Tensor:
+    """The ensemble value the actor maximises: SAC's minimum, or REDQ's mean over all critics.
+
+    ``"min"`` is clipped double-Q (:func:`min_over_critics`), as in SAC's policy update; ``"mean"`` is the ensemble
+    average of REDQ's policy update (Chen et al. 2021, algorithm 1, line 10).
+
+    :param q_values: shape ``(n_critics, batch, k)``
+    :param reduction: ``"min"`` or ``"mean"``
+    :return: shape ``(batch, k)``
+    """
+    if reduction == "min":
+        return min_over_critics(q_values)
+    if reduction == "mean":
+        return q_values.mean(dim=0)
+    raise ValueError(f"reduction={reduction!r} is not one of {CRITIC_REDUCTIONS}.")
 
 
 def soft_state_value(

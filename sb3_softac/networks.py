@@ -5,6 +5,9 @@ matrix multiply, so the cost in Python overhead does not grow with the ensemble 
 """
 
 import math
+import operator
+from collections.abc import Iterator
+from typing import Any, overload
 
 import torch as th
 from torch import nn
@@ -71,11 +74,15 @@ class EnsembleLayerNorm(nn.Module):
         return th.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
 
 
-class EnsembleMLP(nn.Sequential):
+class EnsembleMLP(nn.Module):
     """``n`` independent MLPs with the same architecture, as one module.
 
     Every hidden layer is ``linear -> [dropout] -> [layer norm] -> activation``, the order used by
-    DroQ (Hiraoka et al. 2022, section 3); the output layer is linear.
+    DroQ (Hiraoka et al. 2022, section 3); the output layer is linear. The layers are the children
+    ``"0"``, ``"1"``, ... (as in an ``nn.Sequential``), each holding the stacked weights of every member.
+
+    Indexing, ``len`` and iteration are over the members, as for a list of separate networks:
+    ``ensemble[k]`` is member ``k`` as an :class:`EnsembleMember`, and :attr:`layers` lists the layers.
 
     :param n_members: number of ensemble members
     :param in_features: input size
@@ -96,6 +103,7 @@ class EnsembleMLP(nn.Sequential):
         dropout_rate: float = 0.0,
         layer_norm: bool = False,
     ) -> None:
+        super().__init__()
         layers: list[nn.Module] = []
         last = in_features
         for size in hidden_sizes:
@@ -107,5 +115,168 @@ class EnsembleMLP(nn.Sequential):
             layers.append(activation_fn())
             last = size
         layers.append(EnsembleLinear(n_members, last, out_features))
-        super().__init__(*layers)
+        for index, layer in enumerate(layers):
+            self.add_module(str(index), layer)
         self.n_members = n_members
+        self.in_features = in_features
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The layers in order (every member's weights stacked in each)."""
+        return list(self._modules.values())  # type: ignore[arg-type]
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        """
+        :param x: shape ``(batch, in)``, shared by all members, or ``(n, batch, in)``, one input per member
+        :return: shape ``(n, batch, out)``
+        """
+        for layer in self._modules.values():
+            x = layer(x)  # type: ignore[misc]
+        return x
+
+    def __len__(self) -> int:
+        return self.n_members
+
+    @overload
+    def __getitem__(self, index: int) -> "EnsembleMember": ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list["EnsembleMember"]: ...
+
+    def __getitem__(self, index: int | slice) -> "EnsembleMember | list[EnsembleMember]":
+        if isinstance(index, slice):
+            return [EnsembleMember(self, k) for k in range(self.n_members)[index]]
+        if isinstance(index, bool) or not hasattr(index, "__index__"):
+            raise TypeError(
+                f"An ensemble is indexed by member number (0 to {self.n_members - 1}), got {index!r}; "
+                "its layers are in .layers."
+            )
+        position = operator.index(index)
+        if not -self.n_members <= position < self.n_members:
+            raise IndexError(f"Member {position} does not exist: this ensemble has {self.n_members} members.")
+        return EnsembleMember(self, position % self.n_members)
+
+    def __iter__(self) -> Iterator["EnsembleMember"]:
+        return (EnsembleMember(self, index) for index in range(self.n_members))
+
+
+def _to_separate_layout(layer: nn.Module, name: str, member: th.Tensor) -> th.Tensor:
+    """A member's tensor in the layout of a separate ``nn.Linear`` / ``nn.LayerNorm``: ``(out, in)`` or ``(out,)``."""
+    if isinstance(layer, EnsembleLinear) and name == "weight":
+        return member.T  # stored (in, out) for the batched matmul
+    return member.squeeze(0)  # biases and layer-norm affines are stored (1, features) to broadcast over the batch
+
+
+class EnsembleMember(nn.Module):
+    """Member ``index`` of an :class:`EnsembleMLP`, as a network of its own that shares the ensemble's storage.
+
+    Calling it computes that member's output (the slice of the ensemble's output, exactly). Its
+    parameters are views ``stacked[index]`` of the ensemble's parameters, named as the ensemble's
+    (``"0.weight"``, ...), so reading them or editing them in place (under ``torch.no_grad()``)
+    reads or edits that member inside the ensemble. Its :meth:`state_dict` and :meth:`load_state_dict`
+    use the layout of separate ``nn.Linear`` layers (weights ``(out, in)``), which is what a separate
+    network's state dict holds, e.g. SB3's ``critic.qf0``.
+
+    What cannot act on one member of a stacked tensor raises instead of acting on every member or on
+    none: changing ``requires_grad``, moving or casting the member, switching its dropout mode.
+
+    :param ensemble: the ensemble
+    :param index: member number
+    """
+
+    def __init__(self, ensemble: EnsembleMLP, index: int) -> None:
+        super().__init__()
+        # Kept out of ``_modules``: the ensemble's parameters must be registered once, by the ensemble.
+        self.__dict__["ensemble"] = ensemble
+        self.index = index
+        self.training = ensemble.training
+
+    ensemble: EnsembleMLP
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        """
+        :param x: shape ``(..., in)``
+        :return: shape ``(..., out)``
+        """
+        leading = x.shape[:-1]
+        return self.ensemble(x.reshape(-1, x.shape[-1]))[self.index].reshape(*leading, -1)
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        if not recurse:
+            return  # as for a separate network, whose parameters all live in its layers
+        for name, stacked in self.ensemble.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
+            # Slices are views (in-place edits reach the ensemble) and not leaves: an optimizer refuses them,
+            # since it could not step one member of a stacked tensor.
+            yield name, stacked[self.index]  # type: ignore[misc]
+
+    def _separate_layout_tensors(self, prefix: str) -> Iterator[tuple[str, th.Tensor]]:
+        """State-dict keys and tensors of this member as a separate network holds them (views of the storage)."""
+        for layer_name, layer in self.ensemble.named_children():
+            for name, stacked in layer.named_parameters(recurse=False):
+                yield f"{prefix}{layer_name}.{name}", _to_separate_layout(layer, name, stacked[self.index])
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        for key, member in self._separate_layout_tensors(prefix):
+            destination[key] = member if keep_vars else member.detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        expected = set()
+        for key, member in self._separate_layout_tensors(prefix):
+            expected.add(key)
+            if key not in state_dict:
+                missing_keys.append(key)
+            elif state_dict[key].shape != member.shape:
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(state_dict[key].shape)}, the shape "
+                    f"in member {self.index} is {tuple(member.shape)}."
+                )
+            else:
+                with th.no_grad():
+                    member.copy_(state_dict[key])
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in expected)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero this member's slices of the ensemble's gradients (a slice cannot be set to None)."""
+        with th.no_grad():
+            for stacked in self.ensemble.parameters():
+                if stacked.grad is not None:
+                    stacked.grad[self.index].zero_()
+
+    def requires_grad_(self, requires_grad: bool = True) -> "EnsembleMember":
+        raise RuntimeError(
+            f"Member {self.index} cannot be frozen alone: its weights are slices of tensors stacked with the other "
+            "members, and requires_grad (like an optimizer's learning rate) belongs to a whole tensor. Freeze all "
+            "members with critic.requires_grad_(False), or keep one member fixed by restoring its slices after each "
+            "step (member.state_dict() / member.load_state_dict()), or use a custom policy with separate critics."
+        )
+
+    def train(self, mode: bool = True) -> "EnsembleMember":
+        if any(isinstance(layer, nn.Dropout) for layer in self.ensemble.layers):
+            raise RuntimeError(
+                f"Member {self.index} cannot switch its dropout mode alone: the ensemble's dropout layers act on "
+                "every member at once. Call train()/eval() on the critic instead."
+            )
+        # Without mode-dependent layers the mode changes nothing, as for a separate network of linear layers.
+        self.training = mode
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "EnsembleMember":
+        raise RuntimeError(
+            f"Member {self.index} cannot be moved or cast alone: its weights are slices of tensors shared with the "
+            "other members. Call .to()/.double()/... on the critic (or the policy) instead."
+        )
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, n_members={self.ensemble.n_members}"

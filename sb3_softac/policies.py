@@ -4,8 +4,12 @@ These modules build networks and evaluate them; the distributions' math lives in
 :mod:`sb3_softac.distributions` and the objectives in :mod:`sb3_softac.losses`.
 """
 
+import io
+import pathlib
+import re
+from abc import abstractmethod
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import torch as th
 from gymnasium import spaces
@@ -21,11 +25,14 @@ from stable_baselines3.common.torch_layers import (
     get_actor_critic_arch,
 )
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from stable_baselines3.common.utils import get_device
 from torch import nn
 
+from sb3_softac import archives, checkpoints, files
 from sb3_softac.distributions import (
     LOG_STD_MAX,
     LOG_STD_MIN,
+    SquashedDiagGaussianDistribution,
     categorical_probs,
     sample_squashed_gaussian,
     squashed_gaussian_log_prob,
@@ -35,6 +42,9 @@ from sb3_softac.networks import EnsembleMLP
 # gSDE's per-dimension variance is a quadratic form in the latent features; this floor keeps the
 # standard deviation positive when every feature is zero (e.g. all ReLUs inactive).
 _SDE_VARIANCE_FLOOR = 1e-6
+
+# SB3's attribute names of the individual critics.
+_QF_NAME = re.compile(r"qf(?P<index>0|[1-9][0-9]*)")
 
 
 def _network_parameters(network: BaseModel) -> dict[str, Any]:
@@ -47,22 +57,67 @@ def _network_parameters(network: BaseModel) -> dict[str, Any]:
     )
 
 
-class PolicySample(NamedTuple):
-    """What the SAC objectives need from the policy at a batch of states (see :mod:`sb3_softac.losses`).
+class GaussianSample(NamedTuple):
+    """A continuous policy at a batch of states: one reparameterised action per state.
 
-    Continuous policies give one reparameterised action per state; discrete ones give the probability
-    of every action, so that expectations over actions are exact.
+    The SAC objectives (:mod:`sb3_softac.losses`) estimate expectations over actions with this one
+    sample; they take ``probs=None`` for it.
     """
 
-    #: reparameterised squashed actions ``(batch, action_dim)``; None for discrete policies
-    actions: th.Tensor | None
-    #: ``log pi(a|s)``: ``(batch, 1)`` for the sampled action, or ``(batch, n_actions)`` for every action
+    #: reparameterised squashed actions ``(batch, action_dim)``
+    actions: th.Tensor
+    #: ``log pi(a|s)`` of those actions ``(batch, 1)``
     log_prob: th.Tensor
-    #: ``pi(a|s)`` of every action ``(batch, n_actions)``; None for continuous policies
-    probs: th.Tensor | None
+
+    @property
+    def probs(self) -> None:
+        """None: a sampled action stands for the expectation over actions."""
+        return None
 
 
-class Actor(BasePolicy):
+class CategoricalSample(NamedTuple):
+    """A discrete policy at a batch of states: the probability of every action, for exact expectations."""
+
+    #: ``pi(a|s)`` of every action ``(batch, n_actions)``
+    probs: th.Tensor
+    #: ``log pi(a|s)`` of every action ``(batch, n_actions)``
+    log_prob: th.Tensor
+
+    @property
+    def actions(self) -> None:
+        """None: the critics are evaluated at every action rather than at a sampled one."""
+        return None
+
+
+#: What the SAC objectives need from the policy at a batch of states (see :class:`SACActor`).
+PolicySample = GaussianSample | CategoricalSample
+
+
+class SACActor(BasePolicy):
+    """What the SAC update relies on in an actor; :class:`Actor` and :class:`CategoricalActor` implement it.
+
+    Besides these methods, the policy gives each actor an ``optimizer`` (set by :class:`SACPolicy`).
+    """
+
+    optimizer: th.optim.Optimizer
+
+    @abstractmethod
+    def evaluate(self, obs: PyTorchObs) -> PolicySample:
+        """The policy at each state, as the SAC objectives take it.
+
+        :param obs: observations
+        :return: a :class:`GaussianSample` (continuous) or a :class:`CategoricalSample` (discrete)
+        """
+
+    @abstractmethod
+    def reset_noise(self, batch_size: int = 1) -> None:
+        """Draw new exploration noise (gSDE); raises for actors that have none.
+
+        :param batch_size: number of noise draws, one per parallel environment
+        """
+
+
+class Actor(SACActor):
     """Tanh-squashed diagonal Gaussian policy.
 
     The mean and log standard deviation are produced from the state features by an MLP; actions are
@@ -75,6 +130,7 @@ class Actor(BasePolicy):
     :param net_arch: hidden layer sizes of the policy network
     :param features_extractor: network that turns observations into features
     :param features_dim: number of features
+    :param action_dim: number of action dimensions
     :param activation_fn: activation function
     :param use_sde: whether to use gSDE instead of independent Gaussian noise
     :param log_std_init: initial value of gSDE's log standard deviation parameter
@@ -93,6 +149,7 @@ class Actor(BasePolicy):
         net_arch: list[int],
         features_extractor: BaseFeaturesExtractor,
         features_dim: int,
+        action_dim: int,
         activation_fn: type[nn.Module] = nn.ReLU,
         use_sde: bool = False,
         log_std_init: float = -3,
@@ -116,11 +173,13 @@ class Actor(BasePolicy):
         self.full_std = full_std
         self.use_expln = use_expln
         self.clip_mean = clip_mean
+        self.action_dim = action_dim
 
-        action_dim = get_action_dim(action_space)
         self.latent_pi = nn.Sequential(*create_mlp(features_dim, -1, net_arch, activation_fn))
         latent_dim = net_arch[-1] if len(net_arch) > 0 else features_dim
-        self.action_dist: StateDependentNoiseDistribution | None = None
+        #: The action distribution, for code written against SB3's actor (the update calls the pure
+        #: functions of :mod:`sb3_softac.distributions` directly); with gSDE, SB3's distribution.
+        self.action_dist: SquashedDiagGaussianDistribution | StateDependentNoiseDistribution
         self.mu: nn.Module
         self.log_std: nn.Module | nn.Parameter
         if use_sde:
@@ -133,6 +192,7 @@ class Actor(BasePolicy):
             if clip_mean > 0.0:
                 self.mu = nn.Sequential(self.mu, nn.Hardtanh(min_val=-clip_mean, max_val=clip_mean))
         else:
+            self.action_dist = SquashedDiagGaussianDistribution(action_dim)
             self.mu = nn.Linear(latent_dim, action_dim)
             self.log_std = nn.Linear(latent_dim, action_dim)
 
@@ -140,6 +200,7 @@ class Actor(BasePolicy):
         data = super()._get_constructor_parameters()
         data.update(
             _network_parameters(self),
+            action_dim=self.action_dim,
             use_sde=self.use_sde,
             log_std_init=self.log_std_init,
             full_std=self.full_std,
@@ -149,7 +210,7 @@ class Actor(BasePolicy):
         return data
 
     def _sde_dist(self) -> StateDependentNoiseDistribution:
-        if self.action_dist is None:
+        if not isinstance(self.action_dist, StateDependentNoiseDistribution):
             raise RuntimeError("This actor does not use gSDE: create the model with use_sde=True.")
         return self.action_dist
 
@@ -207,16 +268,16 @@ class Actor(BasePolicy):
         log_prob = squashed_gaussian_log_prob(gaussian_actions, mean_actions, 0.5 * th.log(variance))
         return th.tanh(gaussian_actions), log_prob
 
-    def evaluate(self, obs: PyTorchObs) -> PolicySample:
+    def evaluate(self, obs: PyTorchObs) -> GaussianSample:
         """A reparameterised action and its log-probability at each state, for the SAC objectives."""
         actions, log_prob = self.action_log_prob(obs)
-        return PolicySample(actions, log_prob.reshape(-1, 1), None)
+        return GaussianSample(actions, log_prob.reshape(-1, 1))
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self(observation, deterministic)
 
 
-class CategoricalActor(BasePolicy):
+class CategoricalActor(SACActor):
     """Categorical policy over ``Discrete`` actions (discrete SAC, Christodoulou 2019).
 
     :param observation_space: observation space
@@ -224,6 +285,7 @@ class CategoricalActor(BasePolicy):
     :param net_arch: hidden layer sizes of the policy network
     :param features_extractor: network that turns observations into features
     :param features_dim: number of features
+    :param n_actions: number of actions
     :param activation_fn: activation function
     :param normalize_images: whether to divide image observations by 255
     """
@@ -237,6 +299,7 @@ class CategoricalActor(BasePolicy):
         net_arch: list[int],
         features_extractor: BaseFeaturesExtractor,
         features_dim: int,
+        n_actions: int,
         activation_fn: type[nn.Module] = nn.ReLU,
         normalize_images: bool = True,
     ) -> None:
@@ -245,23 +308,23 @@ class CategoricalActor(BasePolicy):
         )
         self.net_arch = net_arch
         self.features_dim = features_dim
+        self.n_actions = n_actions
         self.activation_fn = activation_fn
         self.latent_pi = nn.Sequential(*create_mlp(features_dim, -1, net_arch, activation_fn))
-        self.logits = nn.Linear(net_arch[-1] if len(net_arch) > 0 else features_dim, int(action_space.n))
+        self.logits = nn.Linear(net_arch[-1] if len(net_arch) > 0 else features_dim, n_actions)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(_network_parameters(self))
+        data.update(_network_parameters(self), n_actions=self.n_actions)
         return data
 
     def action_probs(self, obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
         """Probabilities and log-probabilities of every action, each ``(batch, n_actions)``."""
         return categorical_probs(self.logits(self.latent_pi(self.extract_features(obs, self.features_extractor))))
 
-    def evaluate(self, obs: PyTorchObs) -> PolicySample:
+    def evaluate(self, obs: PyTorchObs) -> CategoricalSample:
         """Every action's probability and log-probability at each state, for the SAC objectives."""
-        probs, log_probs = self.action_probs(obs)
-        return PolicySample(None, log_probs, probs)
+        return CategoricalSample(*self.action_probs(obs))
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         """Action indices: the most probable action when deterministic, else a sample."""
@@ -283,11 +346,19 @@ class Critic(BaseModel):
     For ``Box`` actions each network maps ``(s, a)`` to ``Q_i(s, a)``; for ``Discrete`` actions it maps
     ``s`` to the values ``Q_i(s, .)`` of every action (discrete SAC).
 
+    The networks are one stacked :class:`~sb3_softac.networks.EnsembleMLP`, ``q_networks``, whose
+    state-dict keys are ``q_networks.<layer>.weight``. As in SB3, ``q_networks[i]`` and ``qf<i>`` are
+    critic ``i`` alone (an :class:`~sb3_softac.networks.EnsembleMember`: it takes SB3's ``qf<i>`` input,
+    the features concatenated with the actions for ``Box``, the features for ``Discrete``), and
+    ``len(q_networks) == n_critics``.
+
     :param observation_space: observation space
     :param action_space: action space (``Box`` or ``Discrete``)
     :param net_arch: hidden layer sizes of each Q-network
     :param features_extractor: network that turns observations into features
     :param features_dim: number of features
+    :param n_actions: number of actions of a ``Discrete`` space, whose critics output every action's value;
+        None for a ``Box`` space, whose critics take the action as input
     :param activation_fn: activation function
     :param normalize_images: whether to divide image observations by 255
     :param n_critics: number of Q-networks
@@ -298,14 +369,16 @@ class Critic(BaseModel):
     """
 
     features_extractor: BaseFeaturesExtractor
+    q_networks: EnsembleMLP
 
     def __init__(
         self,
         observation_space: spaces.Space,
-        action_space: spaces.Box,
+        action_space: spaces.Box | spaces.Discrete,
         net_arch: list[int],
         features_extractor: BaseFeaturesExtractor,
         features_dim: int,
+        n_actions: int | None,
         activation_fn: type[nn.Module] = nn.ReLU,
         normalize_images: bool = True,
         n_critics: int = 2,
@@ -323,11 +396,11 @@ class Critic(BaseModel):
         self.share_features_extractor = share_features_extractor
         self.dropout_rate = dropout_rate
         self.layer_norm = layer_norm
-        self.discrete = isinstance(action_space, spaces.Discrete)
+        self.n_actions = n_actions
         self.q_networks = EnsembleMLP(
             n_critics,
-            features_dim if self.discrete else features_dim + get_action_dim(action_space),
-            int(action_space.n) if isinstance(action_space, spaces.Discrete) else 1,
+            features_dim + get_action_dim(action_space) if n_actions is None else features_dim,
+            1 if n_actions is None else n_actions,
             net_arch,
             activation_fn,
             dropout_rate=dropout_rate,
@@ -338,6 +411,7 @@ class Critic(BaseModel):
         data = super()._get_constructor_parameters()
         data.update(
             _network_parameters(self),
+            n_actions=self.n_actions,
             n_critics=self.n_critics,
             share_features_extractor=self.share_features_extractor,
             dropout_rate=self.dropout_rate,
@@ -356,7 +430,7 @@ class Critic(BaseModel):
         # A shared features extractor is trained by the actor loss only.
         with th.set_grad_enabled(th.is_grad_enabled() and not self.share_features_extractor):
             features = self.extract_features(obs, self.features_extractor)
-        if not self.discrete:
+        if self.n_actions is None:
             if actions is None:
                 raise ValueError("A critic of continuous actions needs the actions to evaluate.")
             return self.q_networks(th.cat([features, actions], dim=1))
@@ -373,6 +447,16 @@ class Critic(BaseModel):
     def q1_forward(self, obs: PyTorchObs, actions: th.Tensor | None = None) -> th.Tensor:
         """The first critic's values only, as SB3's ``ContinuousCritic.q1_forward`` returns them."""
         return self.q_values(obs, actions)[0]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # SB3 registers critic i as ``qf<i>``; here it is a view of member i of the stacked ensemble.
+            match = _QF_NAME.fullmatch(name)
+            if match is None or int(match["index"]) >= self.n_critics:
+                raise
+            return self.q_networks[int(match["index"])]
 
 
 class SACPolicy(BasePolicy):
@@ -401,7 +485,7 @@ class SACPolicy(BasePolicy):
     :param layer_norm: critic layer normalisation (DroQ); False keeps plain SAC
     """
 
-    actor: Actor | CategoricalActor
+    actor: SACActor
     critic: Critic
     critic_target: Critic
 
@@ -454,6 +538,9 @@ class SACPolicy(BasePolicy):
         self.share_features_extractor = share_features_extractor
         self.dropout_rate = dropout_rate
         self.layer_norm = layer_norm
+        # The one place that tells continuous from discrete actions: everything below gets explicit sizes.
+        self._discrete_actions = isinstance(action_space, spaces.Discrete)
+        n_actions = int(action_space.n) if isinstance(action_space, spaces.Discrete) else None
         common = dict(
             observation_space=self.observation_space,
             action_space=self.action_space,
@@ -461,12 +548,19 @@ class SACPolicy(BasePolicy):
             normalize_images=normalize_images,
         )
         self.actor_kwargs: dict[str, Any] = dict(common, net_arch=actor_arch)
-        if not isinstance(action_space, spaces.Discrete):
+        if n_actions is not None:
+            self.actor_kwargs.update(n_actions=n_actions)
+        else:
             self.actor_kwargs.update(
-                use_sde=use_sde, log_std_init=log_std_init, use_expln=use_expln, clip_mean=clip_mean
+                action_dim=get_action_dim(action_space),
+                use_sde=use_sde,
+                log_std_init=log_std_init,
+                use_expln=use_expln,
+                clip_mean=clip_mean,
             )
         self.critic_kwargs: dict[str, Any] = dict(
             common,
+            n_actions=n_actions,
             net_arch=critic_arch,
             n_critics=n_critics,
             share_features_extractor=share_features_extractor,
@@ -474,6 +568,11 @@ class SACPolicy(BasePolicy):
             layer_norm=layer_norm,
         )
         self._build(lr_schedule)
+
+    @property
+    def discrete_actions(self) -> bool:
+        """Whether the action space is ``Discrete`` (categorical actor, critics valuing every action)."""
+        return self._discrete_actions
 
     def _make_optimizer(self, params: Iterable[nn.Parameter], lr: float) -> th.optim.Optimizer:
         kwargs = dict(self.optimizer_kwargs)
@@ -535,9 +634,9 @@ class SACPolicy(BasePolicy):
         """
         self.actor.reset_noise(batch_size=batch_size)
 
-    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor | CategoricalActor:
+    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> SACActor:
         actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
-        actor_class = CategoricalActor if isinstance(self.action_space, spaces.Discrete) else Actor
+        actor_class: type[SACActor] = CategoricalActor if self.discrete_actions else Actor
         return actor_class(**actor_kwargs).to(self.device)
 
     def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> Critic:
@@ -558,6 +657,42 @@ class SACPolicy(BasePolicy):
         self.actor.set_training_mode(mode)
         self.critic.set_training_mode(mode)
         self.training = mode
+
+    # Policy-only files, as SB3's ``policy.save`` / ``Policy.load`` (read by archives.py, converted by checkpoints.py).
+
+    def save(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """Save the policy alone (its constructor arguments and weights), atomically.
+
+        :param path: the file to write (no suffix is added, as in SB3), or a binary stream
+        """
+        # BaseModel.save hands its argument to torch.save, which takes a binary file object too.
+        files.write_atomically(path, lambda file: BasePolicy.save(self, file))  # type: ignore[arg-type]
+
+    def save_as_sb3(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """Save the policy alone as ``stable_baselines3.sac.policies.SACPolicy.load`` reads it, atomically.
+
+        :param path: the file to write, or a binary stream
+        :raises ValueError: naming each option SB3's SAC policy lacks (discrete actions, critic dropout or
+            layer norm, a custom policy class)
+        """
+        saved = checkpoints.policy_file_for_sb3(self)
+        files.write_atomically(path, lambda file: th.save(saved, file))  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path | io.BufferedIOBase, device: th.device | str = "auto") -> Self:
+        """Load a policy file written by :meth:`save`, or by SB3's SAC policy ``save`` (converted on load).
+
+        The file is unpickled (``torch.load(weights_only=False)``, as in SB3): load only files you trust.
+
+        :param path: the policy file
+        :param device: where to put the policy
+        :raises ValueError: when the file is no policy file, or holds NaN or inf weights
+        """
+        device = get_device(device)
+        kwargs, state = archives.read_policy_file(path, device)
+        policy = cls(**kwargs)
+        policy.load_state_dict(state)
+        return policy.to(device)
 
 
 MlpPolicy = SACPolicy

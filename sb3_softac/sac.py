@@ -14,37 +14,45 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import recursive_getattr
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, ReplayBufferSamples, Schedule
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from torch import nn
 
-from sb3_softac import checkpoints
+from sb3_softac import archives, checkpoints, files
+from sb3_softac.engine import UPDATE_ENGINES, UpdateEngine, minibatch, unsupported_reason
 from sb3_softac.losses import (
+    CRITIC_REDUCTIONS,
+    CriticReduction,
     actor_loss,
     critic_loss,
     expected_log_prob,
     min_over_critics,
+    reduce_critics,
     soft_q_target,
     soft_state_value,
     temperature_loss,
 )
+from sb3_softac.nonfinite import flag_nonfinite, guarded_copy_, guarded_lerp_, guarded_step, new_flag
 from sb3_softac.policies import (
-    Actor,
-    CategoricalActor,
     CnnPolicy,
     Critic,
     MlpPolicy,
     MultiInputPolicy,
     PolicySample,
+    SACActor,
     SACPolicy,
 )
 
 SelfSAC = TypeVar("SelfSAC", bound="SAC")
 
-# What one gradient step reports, in the order of the columns of the statistics tensor; the actor's
-# columns are only filled on the steps that update the actor (see ``policy_delay``).
-_STATS = ("critic_loss", "actor_loss", "ent_coef_loss", "ent_coef", "entropy", "mean_q")
-_ACTOR_STATS = ("actor_loss", "ent_coef_loss", "entropy")
+# What each gradient step reports about the critic update, and each actor update (every ``policy_delay``
+# steps) about the actor and the temperature, as the columns of their rows; each row ends with the non-finite
+# flag as it stood after that update (see ``SAC._nonfinite``).
+_CRITIC_STATS = ("critic_loss", "ent_coef", "mean_q")
+_ACTOR_STATS = ("actor_loss", "entropy", "ent_coef_loss")
+# The order in which the logger receives the statistics (that of SB3's SAC, then ours).
+_LOGGED_STATS = ("critic_loss", "actor_loss", "ent_coef_loss", "ent_coef", "entropy", "mean_q")
 _LOSSES = {"critic_loss": "critic loss", "actor_loss": "actor loss", "ent_coef_loss": "entropy coefficient loss"}
 
 # Discrete SAC's automatic target entropy, as a fraction of the maximum entropy log|A|. Christodoulou
@@ -84,16 +92,19 @@ def _parse_ent_coef(ent_coef: str | float) -> tuple[bool, float]:
     return False, value
 
 
-def _parse_target_entropy(target_entropy: str | float, action_space: spaces.Space) -> float:
+def _parse_target_entropy(target_entropy: str | float, policy: SACPolicy) -> float:
     """Read ``target_entropy``, a number or ``"auto"``.
 
     ``"auto"`` is ``-dim(A)`` for continuous actions (SAC paper, section 5) and
     ``DISCRETE_TARGET_ENTROPY_SCALE * log|A|`` for discrete ones.
+
+    :param target_entropy: the constructor's argument
+    :param policy: the policy, which knows whether its actions are discrete
     """
     if isinstance(target_entropy, str) and target_entropy == "auto":
-        if isinstance(action_space, spaces.Discrete):
-            return DISCRETE_TARGET_ENTROPY_SCALE * float(np.log(action_space.n))
-        return -float(np.prod(action_space.shape or ()))
+        # The flat size of a Discrete space is its number of actions |A|, that of a Box its dimension.
+        size = spaces.flatdim(policy.action_space)
+        return DISCRETE_TARGET_ENTROPY_SCALE * float(np.log(size)) if policy.discrete_actions else -float(size)
     if not isinstance(target_entropy, bool):
         with contextlib.suppress(TypeError, ValueError):
             value = float(target_entropy)
@@ -113,12 +124,6 @@ def _frozen(parameters: Iterable[nn.Parameter]) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(True)
-
-
-def _optimize(optimizer: th.optim.Optimizer, loss: th.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
 
 
 class SAC(OffPolicyAlgorithm):
@@ -158,8 +163,12 @@ class SAC(OffPolicyAlgorithm):
     :param policy_delay: update the actor and the temperature every this many critic updates (1: every one)
     :param qf_learning_rate: learning rate (or schedule) of the critics; None uses ``learning_rate``
     :param critic_subset_size: REDQ's in-target minimisation: the target takes the minimum over this many
-        critics drawn at random at each step, and the actor maximises the mean of all critics (Chen et al.
-        2021). None takes the minimum over all critics in both, as SAC does
+        critics drawn at random at each step (Chen et al. 2021). None takes the minimum over all critics, as
+        SAC does. It changes the target only: REDQ's actor also needs ``actor_q_reduction="mean"``
+    :param actor_q_reduction: how the actor's objective reduces the critics: ``"min"`` (SAC) or ``"mean"``
+        of all critics (REDQ's policy update)
+    :param update_engine: ``"auto"`` runs the update through the autograd-free :mod:`sb3_softac.engine` where it
+        covers the configuration (``update_path`` says which path runs), ``"autograd"`` always uses autograd
     :param _init_setup_model: whether to build the networks on creation
     """
 
@@ -169,9 +178,16 @@ class SAC(OffPolicyAlgorithm):
         "MultiInputPolicy": MultiInputPolicy,
     }
     policy: SACPolicy
-    actor: Actor | CategoricalActor
+    actor: SACActor
     critic: Critic
     critic_target: Critic
+    #: The non-finite flag of the running ``train()`` call, a float32 scalar on the device (see
+    #: :mod:`sb3_softac.nonfinite`), cleared when the call starts. Every optimizer step and the Polyak update take
+    #: ``self._nonfinite``: an update path checks each loss and its gradients with ``flag_nonfinite`` before the
+    #: optimizer step, steps through ``guarded_step`` and updates the targets through ``guarded_lerp_`` /
+    #: ``guarded_copy_``, and reports the flag in its statistics rows, so that once a value is non-finite no
+    #: later update of the call reaches the weights, and the host learns of it at the call's one sync.
+    _nonfinite: th.Tensor
 
     def __init__(
         self,
@@ -205,8 +221,18 @@ class SAC(OffPolicyAlgorithm):
         policy_delay: int = 1,
         qf_learning_rate: float | Schedule | None = None,
         critic_subset_size: int | None = None,
+        actor_q_reduction: CriticReduction = "min",
+        update_engine: str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        if isinstance(policy, type) and not issubclass(policy, SACPolicy):
+            raise TypeError(
+                f"policy={policy.__module__}.{policy.__qualname__} is not an sb3_softac policy: this SAC trains "
+                "through the actor and critic interface of sb3_softac.policies.SACPolicy. Pass 'MlpPolicy', "
+                "'CnnPolicy' or 'MultiInputPolicy' (policy_kwargs covers most customisations: net_arch, "
+                "activation_fn, features_extractor_class, optimizer_class, n_critics, ...), or subclass "
+                "sb3_softac.policies.SACPolicy."
+            )
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau={tau} is outside (0, 1]: use e.g. 0.005 for slow Polyak averaging, 1.0 to copy.")
         if tau == 0.0:
@@ -229,7 +255,16 @@ class SAC(OffPolicyAlgorithm):
             raise ValueError(
                 f"critic_subset_size={critic_subset_size} must be a positive integer, or None for all critics."
             )
-        _parse_ent_coef(ent_coef)
+        if actor_q_reduction not in CRITIC_REDUCTIONS:
+            raise ValueError(
+                f"actor_q_reduction={actor_q_reduction!r} is not valid: give 'min' (SAC: the actor maximises the "
+                "minimum over the critics) or 'mean' (REDQ: the mean of all critics)."
+            )
+        if update_engine not in UPDATE_ENGINES:
+            raise ValueError(
+                f"update_engine={update_engine!r} is not one of {UPDATE_ENGINES}: 'auto' uses the fast autograd-free "
+                "update wherever it applies, 'autograd' always uses autograd."
+            )
         super().__init__(
             policy,
             env,
@@ -258,46 +293,73 @@ class SAC(OffPolicyAlgorithm):
             supported_action_spaces=(spaces.Box, spaces.Discrete),
             support_multi_env=True,
         )
-        if env is not None:
-            _parse_target_entropy(target_entropy, self.action_space)
-            if isinstance(self.action_space, spaces.Discrete) and (use_sde or action_noise is not None):
-                raise ValueError(
-                    "use_sde and action_noise perturb continuous actions: a Discrete action space explores through "
-                    "its categorical policy instead. Remove them."
-                )
-            n_critics = (policy_kwargs or {}).get("n_critics", 2)
-            if critic_subset_size is not None and critic_subset_size > n_critics:
-                raise ValueError(
-                    f"critic_subset_size={critic_subset_size} exceeds n_critics={n_critics}: raise n_critics in "
-                    "policy_kwargs or lower the subset size."
-                )
+        if env is not None and isinstance(self.action_space, spaces.Discrete) and (use_sde or action_noise is not None):
+            raise ValueError(
+                "use_sde and action_noise perturb continuous actions: a Discrete action space explores through "
+                "its categorical policy instead. Remove them."
+            )
         self.target_entropy = target_entropy
         self.ent_coef = ent_coef
         self.target_update_interval = target_update_interval
         self.policy_delay = policy_delay
         self.qf_learning_rate = qf_learning_rate
         self.critic_subset_size = critic_subset_size
+        self.actor_q_reduction = actor_q_reduction
+        self.update_engine = update_engine
         self.log_ent_coef: th.Tensor | None = None
         self.ent_coef_optimizer: th.optim.Optimizer | None = None
         self.ent_coef_tensor: th.Tensor | None = None
+        # The constructor runs ``_setup_model``, so that its checks of the arguments raise from here too.
         if _init_setup_model:
             self._setup_model()
 
     def _setup_model(self) -> None:
+        # Read before the replay buffer and the networks are allocated, so that a bad value fails fast.
+        learned, value = _parse_ent_coef(self.ent_coef)
         super()._setup_model()
         self._create_aliases()
+        self.target_entropy = _parse_target_entropy(self.target_entropy, self.policy)
+        n_critics = self.critic.n_critics
+        if self.critic_subset_size is not None and self.critic_subset_size > n_critics:
+            raise ValueError(
+                f"critic_subset_size={self.critic_subset_size} exceeds n_critics={n_critics}: raise n_critics in "
+                "policy_kwargs or lower the subset size."
+            )
         self.batch_norm_stats = get_parameters_by_name(self.critic, ["running_"])
         self.batch_norm_stats_target = get_parameters_by_name(self.critic_target, ["running_"])
-        self.target_entropy = _parse_target_entropy(self.target_entropy, self.action_space)
         self.qf_lr_schedule = None if self.qf_learning_rate is None else FloatSchedule(self.qf_learning_rate)
         update_learning_rate(self.critic.optimizer, self._critic_lr_schedule()(1))
-        learned, value = _parse_ent_coef(self.ent_coef)
+        self._nonfinite = new_flag(self.device)
         if learned:
             # alpha is optimised through log(alpha), which keeps it positive (see losses.temperature_loss).
             self.log_ent_coef = th.full((1,), np.log(value), device=self.device, requires_grad=True)
             self.ent_coef_optimizer = th.optim.Adam([self.log_ent_coef], lr=self.lr_schedule(1), fused=True)
         else:
             self.ent_coef_tensor = th.tensor(value, device=self.device)
+        self._select_update_path()
+
+    def _select_update_path(self) -> None:
+        """Set ``update_path``: ``"engine"`` (autograd-free) where it covers the model, else ``"autograd"``."""
+        reason = unsupported_reason(self) if self.update_engine == "auto" else "update_engine='autograd'"
+        self.update_path = "engine" if reason is None else "autograd"
+        self._engine = UpdateEngine()
+        if self.verbose >= 1:
+            print(f"SAC update path: {self.update_path}" + ("" if reason is None else f" ({reason})"))
+
+    def _refresh_update_path(self) -> None:
+        """Before each ``train`` call: bind the engine to the model as it is now, or fall back to autograd.
+
+        A model changed since it was built (an optimizer replaced, a hook registered) may leave the engine's
+        coverage, and come back into it; each change of path is reported.
+        """
+        reason = self._engine.begin(self)
+        path = "engine" if reason is None else "autograd"
+        if path != self.update_path:
+            if reason is not None:
+                warnings.warn(f"SAC update path: autograd from now on ({reason}).", stacklevel=3)
+            elif self.verbose >= 1:
+                print("SAC update path: engine from now on")
+        self.update_path = path
 
     def _create_aliases(self) -> None:
         self.actor = self.policy.actor
@@ -316,6 +378,15 @@ class SAC(OffPolicyAlgorithm):
         return self.ent_coef_tensor
 
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:
+        """Take ``gradient_steps`` SAC updates on minibatches of the replay buffer, then log their statistics.
+
+        Nothing is read back to the host until the end of the call, where the statistics and the non-finite
+        flag (see ``_nonfinite``) come back in one transfer. An update with a non-finite loss or gradient is
+        not applied, nor is any later one of the call, and the call then raises :class:`FloatingPointError`.
+
+        :param gradient_steps: number of updates
+        :param batch_size: minibatch size of each update
+        """
         self.policy.set_training_mode(True)
         optimizers = [self.actor.optimizer]
         if self.ent_coef_optimizer is not None:
@@ -323,41 +394,85 @@ class SAC(OffPolicyAlgorithm):
         self._update_learning_rate(optimizers)
         update_learning_rate(self.critic.optimizer, self._critic_lr_schedule()(self._current_progress_remaining))
 
-        # Statistics stay on the device until the end of the call: no host sync per gradient step.
-        stats = th.full((gradient_steps, len(_STATS)), float("nan"), device=self.device)
-        actor_updated = np.zeros(gradient_steps, dtype=bool)
-        for step in range(gradient_steps):
-            replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
-            n_update = self._n_updates + step
-            actor_updated[step] = n_update % self.policy_delay == 0
-            stats[step] = self._gradient_step(replay_data, update_actor=bool(actor_updated[step]))
-            if n_update % self.target_update_interval == 0:
-                self._update_target_critics()
-        self._record_stats(stats.cpu().numpy(), actor_updated)
+        self._nonfinite.zero_()
+        critic_stats: list[th.Tensor] = []
+        actor_stats: list[th.Tensor] = []
+        actor_steps: list[int] = []
+        if self.update_engine == "auto":
+            self._refresh_update_path()
+        if self.update_path == "engine":
+            self._engine_steps(gradient_steps, batch_size, critic_stats, actor_stats, actor_steps)
+        else:
+            for step in range(gradient_steps):
+                replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+                n_update = self._n_updates + step
+                critic_row, actor_row = self._gradient_step(replay_data, update_actor=n_update % self.policy_delay == 0)
+                critic_stats.append(critic_row)
+                if actor_row is not None:
+                    actor_stats.append(actor_row)
+                    actor_steps.append(step)
+                if n_update % self.target_update_interval == 0:
+                    self._update_target_critics()
+
+        # The one host sync of the call.
+        parts = [th.stack(rows).flatten() for rows in (critic_stats, actor_stats) if rows]
+        host = th.cat(parts).cpu().numpy() if parts else np.empty(0, dtype=np.float32)
+        # Each row ends with the flag; a fixed temperature has no ent_coef_loss, the actor's last statistic.
+        actor_width = len(_ACTOR_STATS) + (0 if self.log_ent_coef is None else 1)
+        critic = host[: len(critic_stats) * (len(_CRITIC_STATS) + 1)].reshape(len(critic_stats), len(_CRITIC_STATS) + 1)
+        actor = host[critic.size :].reshape(len(actor_stats), actor_width)
+        self._raise_if_nonfinite(critic, actor, actor_steps)
+        self._record_stats(critic, actor)
         self._n_updates += gradient_steps
 
-    def _gradient_step(self, replay_data: ReplayBufferSamples, update_actor: bool) -> th.Tensor:
-        """One SAC update: temperature, critics, then actor, in the order of SB3's SAC.
+    def _engine_steps(
+        self,
+        gradient_steps: int,
+        batch_size: int,
+        critic_stats: list[th.Tensor],
+        actor_stats: list[th.Tensor],
+        actor_steps: list[int],
+    ) -> None:
+        """The gradient steps of one ``train`` call through the autograd-free engine (see :meth:`train`).
+
+        All the call's minibatches are drawn at once, as SBX does (with one environment the replay buffer then
+        draws the same indices as ``gradient_steps`` separate draws).
+        """
+        samples = self.replay_buffer.sample(batch_size * gradient_steps, env=self._vec_normalize_env)  # type: ignore[union-attr]
+        for step in range(gradient_steps):
+            n_update = self._n_updates + step
+            critic_row, actor_row = self._engine.gradient_step(
+                self,
+                minibatch(samples, step, batch_size),
+                update_actor=n_update % self.policy_delay == 0,
+                update_target=n_update % self.target_update_interval == 0,
+            )
+            critic_stats.append(critic_row)
+            if actor_row is not None:
+                actor_stats.append(actor_row)
+                actor_steps.append(step)
+
+    def _gradient_step(
+        self, replay_data: ReplayBufferSamples, update_actor: bool
+    ) -> tuple[th.Tensor, th.Tensor | None]:
+        """One SAC update: the critics, then (when ``update_actor``) the temperature and the actor.
+
+        The temperature is stepped after the critics, not before as in SB3's SAC, so that a non-finite critic
+        loss stops it too; the result is the same, as nothing in between reads the new temperature.
 
         :param replay_data: the minibatch
         :param update_actor: whether to update the actor and the temperature, or only the critics
-        :return: the statistics named in ``_STATS`` as one detached tensor (NaN where not computed)
+        :return: the critic statistics (``_CRITIC_STATS``, then the non-finite flag) and, when the actor was
+            updated, the actor statistics (``_ACTOR_STATS``, without ``ent_coef_loss`` for a fixed temperature,
+            then the flag), each as one detached tensor
         """
         discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
         if self.use_sde:
             # The exploration matrix depends on log_std, which changes at every step.
             self.actor.reset_noise()
         ent_coef = self._current_ent_coef()
-        nan = th.full((), float("nan"), device=self.device)
-        ent_coef_loss = entropy = loss_pi = nan
-        if update_actor:
-            pi = self.actor.evaluate(replay_data.observations)
-            entropy = -expected_log_prob(pi.log_prob, pi.probs).mean()
-            if self.log_ent_coef is not None:
-                assert self.ent_coef_optimizer is not None
-                assert isinstance(self.target_entropy, float)
-                ent_coef_loss = temperature_loss(self.log_ent_coef, pi.log_prob, self.target_entropy, pi.probs)
-                _optimize(self.ent_coef_optimizer, ent_coef_loss)
+        # Drawn before the next actions, in the order of SB3's SAC, so that the random streams match.
+        pi = self.actor.evaluate(replay_data.observations) if update_actor else None
 
         with th.no_grad():
             next_pi = self.actor.evaluate(replay_data.next_observations)
@@ -368,63 +483,102 @@ class SAC(OffPolicyAlgorithm):
 
         current_q_values = self.critic.q_values(replay_data.observations, replay_data.actions)
         loss_q = critic_loss(current_q_values, target_q_values)
-        _optimize(self.critic.optimizer, loss_q)
-
-        if update_actor:
-            loss_pi = self._update_actor(replay_data, pi, ent_coef)
-        return th.stack(
-            [loss_q, loss_pi, ent_coef_loss.reshape(()), ent_coef, entropy, current_q_values.mean()]
-        ).detach()
+        self._optimize(self.critic.optimizer, loss_q)
+        critic_row = th.stack([loss_q, ent_coef, current_q_values.mean(), self._nonfinite]).detach()
+        if pi is None:
+            return critic_row, None
+        return critic_row, self._update_actor(replay_data, pi, ent_coef)
 
     def _update_actor(self, replay_data: ReplayBufferSamples, pi: PolicySample, ent_coef: th.Tensor) -> th.Tensor:
-        """Take one actor step against the freshly updated critics; return the actor loss."""
+        """Step the temperature, then the actor against the freshly updated critics.
+
+        :return: the actor statistics row (see :meth:`_gradient_step`)
+        """
+        entropy = -expected_log_prob(pi.log_prob, pi.probs).mean()
+        ent_coef_loss = []
+        if self.log_ent_coef is not None:
+            assert self.ent_coef_optimizer is not None
+            assert isinstance(self.target_entropy, float)
+            ent_coef_loss = [temperature_loss(self.log_ent_coef, pi.log_prob, self.target_entropy, pi.probs)]
+            self._optimize(self.ent_coef_optimizer, ent_coef_loss[0])
         # The actor's gradient goes through the critics to the actions only, not into their weights.
         with _frozen(self._critic_parameters()):
             q_values_pi = self.critic.q_values(replay_data.observations, pi.actions)
-        # REDQ's actor maximises the ensemble mean (Chen et al. 2021, algorithm 1, line 10).
-        q_pi = q_values_pi.mean(dim=0) if self.critic_subset_size is not None else min_over_critics(q_values_pi)
-        loss_pi = actor_loss(q_pi, pi.log_prob, ent_coef, pi.probs)
-        _optimize(self.actor.optimizer, loss_pi)
-        return loss_pi
+        loss_pi = actor_loss(reduce_critics(q_values_pi, self.actor_q_reduction), pi.log_prob, ent_coef, pi.probs)
+        self._optimize(self.actor.optimizer, loss_pi)
+        return th.stack([loss_pi, entropy, *ent_coef_loss, self._nonfinite]).detach()
+
+    def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor) -> None:
+        """Step ``optimizer`` on the gradient of ``loss``, unless ``_nonfinite`` is set once they are checked."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        flag_nonfinite(self._nonfinite, [loss], optimizer)
+        guarded_step(optimizer, self._nonfinite)
 
     def _critic_parameters(self) -> list[nn.Parameter]:
         return [p for group in self.critic.optimizer.param_groups for p in group["params"]]
 
     def _update_target_critics(self) -> None:
-        """Polyak averaging ``theta_target <- (1 - tau) theta_target + tau theta``; batch-norm statistics are copied."""
-        with th.no_grad():
-            for target_param, param in zip(self.critic_target.parameters(), self.critic.parameters(), strict=True):
-                target_param.lerp_(param, self.tau)
-            for target_stat, stat in zip(self.batch_norm_stats_target, self.batch_norm_stats, strict=True):
-                target_stat.copy_(stat)
+        """Polyak averaging ``theta_target <- (1 - tau) theta_target + tau theta``; batch-norm statistics are copied.
 
-    def _record_stats(self, stats: np.ndarray, actor_updated: np.ndarray) -> None:
-        """Log the mean statistics of a ``train`` call; stop on the first non-finite loss.
-
-        :param stats: one row of ``_STATS`` per gradient step
-        :param actor_updated: which gradient steps updated the actor (the others have no actor statistics)
+        Neither happens once ``_nonfinite`` is set.
         """
-        computed = np.ones_like(stats, dtype=bool)
-        computed[:, [_STATS.index(name) for name in _ACTOR_STATS]] = actor_updated[:, None]
-        if self.log_ent_coef is None:
-            computed[:, _STATS.index("ent_coef_loss")] = False
-        for column, name in enumerate(_STATS):
-            bad = np.flatnonzero(computed[:, column] & ~np.isfinite(stats[:, column]))
-            if name in _LOSSES and len(bad) > 0:
-                raise FloatingPointError(
-                    f"SAC stopped: the {_LOSSES[name]} is {stats[bad[0], column]} at gradient step "
-                    f"{self._n_updates + bad[0] + 1} (timestep {self.num_timesteps}). The model's parameters can no "
-                    "longer be trusted. Check the environment's observations and rewards for NaN/inf (wrap it in "
-                    "VecCheckNan to find the source) and for very large magnitudes (try VecNormalize), or lower the "
-                    "learning rate."
-                )
-        self.logger.record("train/n_updates", self._n_updates + len(stats), exclude="tensorboard")
+        guarded_lerp_(self.critic_target.parameters(), self.critic.parameters(), self.tau, self._nonfinite)
+        guarded_copy_(self.batch_norm_stats_target, self.batch_norm_stats, self._nonfinite)
+
+    def _raise_if_nonfinite(self, critic: np.ndarray, actor: np.ndarray, actor_steps: list[int]) -> None:
+        """Raise if the call met a non-finite loss or gradient, naming the first one and its gradient step.
+
+        The steps before it were applied and are counted in ``_n_updates``; it and the later ones were not.
+
+        :param critic: one row per gradient step: ``_CRITIC_STATS``, then the non-finite flag after that step's
+            critic update
+        :param actor: one row per actor update: ``_ACTOR_STATS`` (without ``ent_coef_loss`` for a fixed
+            temperature), then the flag after that update
+        :param actor_steps: the gradient step (index in the call) of each actor row
+        """
+        critic_flagged = np.flatnonzero(critic[:, -1])
+        actor_flagged = np.flatnonzero(actor[:, -1])
+        if len(critic_flagged) == 0 and len(actor_flagged) == 0:
+            return
+        # Within a step the critic update comes first: the flag stays set, so the first flagged row is the culprit.
+        if len(critic_flagged) > 0 and (len(actor_flagged) == 0 or critic_flagged[0] <= actor_steps[actor_flagged[0]]):
+            step = int(critic_flagged[0])
+            checked = [("critic_loss", critic[step, 0])]
+        else:
+            step = actor_steps[actor_flagged[0]]
+            row = actor[actor_flagged[0]]
+            # Checked in the order they were applied: the temperature's loss (when learned), then the actor's.
+            checked = [("ent_coef_loss", row[2])] if len(row) > len(_ACTOR_STATS) else []
+            checked.append(("actor_loss", row[0]))
+        bad = [(name, value) for name, value in checked if not np.isfinite(value)]
+        if bad:
+            what = f"the {_LOSSES[bad[0][0]]} is {bad[0][1]}"
+        else:
+            what = f"a gradient of the {' or the '.join(_LOSSES[name] for name, _ in checked)} is not finite"
+        self._n_updates += step
+        raise FloatingPointError(
+            f"SAC stopped: {what} at gradient step {self._n_updates + 1} (timestep {self.num_timesteps}). Neither "
+            "that update nor any later one was applied, so the model holds its last finite parameters (and saving "
+            "it keeps them). Check the environment's observations and rewards for NaN/inf (wrap it in VecCheckNan "
+            "to find the source) and for very large magnitudes (try VecNormalize), or lower the learning rate."
+        )
+
+    def _record_stats(self, critic: np.ndarray, actor: np.ndarray) -> None:
+        """Log the mean statistics of a ``train`` call.
+
+        :param critic: the critic rows, as in :meth:`_raise_if_nonfinite`
+        :param actor: the actor rows, as in :meth:`_raise_if_nonfinite` (none when no step updated the actor)
+        """
+        self.logger.record("train/n_updates", self._n_updates + len(critic), exclude="tensorboard")
         if self.qf_lr_schedule is not None:
             self.logger.record("train/qf_learning_rate", self.qf_lr_schedule(self._current_progress_remaining))
-        keys = {"ent_coef_loss": "train/ent_coef_loss", "mean_q": "train/mean_q"}
-        for column, name in enumerate(_STATS):
-            if computed[:, column].any():
-                self.logger.record(keys.get(name, f"train/{name}"), float(stats[computed[:, column], column].mean()))
+        columns = {name: critic[:, column] for column, name in enumerate(_CRITIC_STATS)}
+        if len(actor) > 0:
+            columns.update((name, actor[:, column]) for column, name in enumerate(_ACTOR_STATS[: actor.shape[1] - 1]))
+        for name in _LOGGED_STATS:
+            if name in columns and len(columns[name]) > 0:
+                self.logger.record(f"train/{name}", float(columns[name].mean()))
 
     def learn(
         self: SelfSAC,
@@ -453,40 +607,118 @@ class SAC(OffPolicyAlgorithm):
         custom_objects: dict[str, Any] | None = None,
         print_system_info: bool = False,
         force_reset: bool = True,
+        weights_only: bool = False,
         **kwargs: Any,
     ) -> SelfSAC:
         """Load a model saved by :meth:`save`, or by ``stable_baselines3.SAC.save``.
 
         Takes the arguments of ``BaseAlgorithm.load``. An SB3 SAC archive is converted on the fly: its
         weights, optimizer states and entropy coefficient carry over, and training can continue. Any other
-        archive is refused with an error that names what it holds.
+        archive, and a damaged one, is refused with an error that names what it holds.
+
+        The archive's ``data`` holds pickled objects (the policy class, the spaces, schedules...): a plain load
+        runs them, as SB3 does. Entries given in ``custom_objects`` are never unpickled.
+
+        :param weights_only: unpickle nothing, as ``torch.load(weights_only=True)``: the spaces come from ``env``,
+            the policy class from this package's classes of the saved name, other settings from the readable
+            JSON, the rest from ``custom_objects``; an entry with no such substitute is refused, naming what to
+            pass. For files you did not write.
         """
-        if checkpoints.saved_policy_origin(path) == "stable_baselines3":
-            path = checkpoints.sb3_archive_to_softac(path)
-        return super().load(
+        archive = archives.read_archive(path)
+        objects = dict(custom_objects or {})
+        origin = archives.saved_policy_origin(archive)
+        if weights_only:
+            spaces_of_env = None
+            if env is not None:
+                env = cls._wrap_env(env, archive.data.get("verbose", 0))
+                spaces_of_env = (env.observation_space, env.action_space)
+            objects = archives.weights_only_objects(archive, cls.policy_aliases, spaces_of_env, objects)
+        if origin == archives.SB3:
+            # Converted in memory; its deserialised data is handed on whole, so nothing is unpickled twice.
+            path, objects = checkpoints.sb3_archive_to_softac(path, cls.policy_aliases, objects)
+        else:
+            kwargs = {**archives.legacy_settings(archive, kwargs), **kwargs}
+        model = super().load(
             path,
             env=env,
             device=device,
-            custom_objects=custom_objects,
+            custom_objects=objects or None,
             print_system_info=print_system_info,
             force_reset=force_reset,
             **kwargs,
         )
+        state_dicts, variables = model._get_torch_save_params()
+        archives.check_finite(
+            {**model.get_parameters(), "pytorch_variables": {name: getattr(model, name) for name in variables}},
+            archive.source,
+        )
+        optimizers = (recursive_getattr(model, name) for name in state_dicts)
+        checkpoints.keep_built_implementation(opt for opt in optimizers if isinstance(opt, th.optim.Optimizer))
+        return model
+
+    def save(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+    ) -> None:
+        """Save the model to a zip archive, atomically (see :mod:`sb3_softac.files`).
+
+        :param path: where to write (``.zip`` is added to a name without suffix), or a binary stream
+        :param exclude: attributes to leave out, besides the default ones
+        :param include: attributes to save although excluded by default
+        """
+        files.write_atomically(path, lambda file: super(SAC, self).save(file, exclude, include), suffix="zip")
 
     def save_as_sb3(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
         """Save the model as a checkpoint that ``stable_baselines3.SAC.load`` reads, with identical actions.
 
+        Written atomically, as :meth:`save` writes.
+
         :param path: where to write the archive
         :raises ValueError: naming each option that SB3's SAC does not have (discrete actions, critic
-            dropout or layer norm, ``policy_delay``, ``qf_learning_rate``, ``critic_subset_size``)
+            dropout or layer norm, ``policy_delay``, ``qf_learning_rate``, ``critic_subset_size``...)
         """
         buffer = io.BytesIO()
-        self.save(buffer)
+        super().save(buffer)
         buffer.seek(0)
-        checkpoints.softac_archive_to_sb3(buffer, path)
+        checkpoints.softac_archive_to_sb3(buffer, path, type(self))
+
+    def save_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """Pickle the replay buffer, atomically (``.pkl`` is added to a name without suffix).
+
+        :param path: where to write, or a binary stream
+        """
+        files.write_atomically(path, lambda file: super(SAC, self).save_replay_buffer(file), suffix="pkl")
+
+    def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
+        """Load a replay buffer pickled by :meth:`save_replay_buffer`, after checking that it fits this model.
+
+        The file is unpickled (plain pickle, as in SB3): load only buffers you trust.
+
+        :param path: the pickled buffer
+        :param truncate_last_traj: ``HerReplayBuffer``: treat the last trajectory as finished (see SB3)
+        :raises ValueError: when the buffer was saved for other observation or action shapes, or another number
+            of environments; the model keeps its previous buffer
+        """
+        previous = self.replay_buffer
+        super().load_replay_buffer(path, truncate_last_traj)
+        try:
+            archives.check_replay_buffer_fits(self.replay_buffer, self, path)
+        except ValueError:
+            self.replay_buffer = previous
+            raise
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "actor", "critic", "critic_target"]
+        return [
+            *super()._excluded_save_params(),
+            "actor",
+            "critic",
+            "critic_target",
+            "_nonfinite",
+            "update_path",
+            "_engine",
+        ]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         state_dicts = ["policy", "actor.optimizer", "critic.optimizer"]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import stable_baselines3 as sb3
 import torch as th
-from conftest import PointGoalEnv, VectorBoxEnv
+from envs import PointGoalEnv, VectorBoxEnv, make_sac
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_softac import SAC
@@ -62,14 +62,13 @@ def _make_env(factory: type[gym.Env], seed: int = 0) -> gym.Env:
 
 def _train(algo: type[BaseAlgorithm], config: str, steps: int = STEPS) -> BaseAlgorithm:
     policy, factory, policy_kwargs, kwargs = CONFIGS[config]
-    model = algo(
-        policy,
+    model = make_sac(
         _make_env(factory),
+        policy,
+        algo,
         learning_starts=LEARNING_STARTS,
-        batch_size=32,
         buffer_size=1_000,
         policy_kwargs=dict(net_arch=NET, **policy_kwargs),
-        seed=0,
         **kwargs,
     )
     return model.learn(steps)
@@ -356,6 +355,16 @@ def test_save_as_sb3_accepts_softac_options_at_their_sb3_values(tmp_path: Path) 
     assert not {"dropout_rate", "layer_norm"} & reference.policy_kwargs.keys()
     for name in ("policy_delay", "qf_learning_rate", "critic_subset_size"):
         assert not hasattr(reference, name)
+
+
+def test_save_as_sb3_accepts_any_update_engine(tmp_path: Path) -> None:
+    """``update_engine`` picks how the same update is computed: SB3's SAC represents the model either way."""
+    model = SAC("MlpPolicy", VectorBoxEnv(), policy_kwargs=dict(net_arch=[8]), update_engine="autograd", seed=0)
+    model.save_as_sb3(tmp_path / "model.zip")
+    reference = sb3.SAC.load(tmp_path / "model.zip")
+    assert not hasattr(reference, "update_engine")
+    observations = _observations("mlp")
+    assert np.array_equal(_actions(reference, observations), _actions(model, observations))
 
 
 def test_save_as_sb3_names_every_option_in_use(tmp_path: Path) -> None:

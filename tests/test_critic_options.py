@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
-from conftest import VectorBoxEnv
+from envs import VectorBoxEnv, filled_sac
 from gymnasium import spaces
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import sb3_softac.engine
 import sb3_softac.sac
 from sb3_softac import SAC
 from sb3_softac.networks import EnsembleLayerNorm, EnsembleLinear
@@ -29,19 +29,7 @@ def _model(learning_starts: int = 64, net_arch: list[int] | None = None, **kwarg
     has been made yet), with a silent logger."""
     policy_kwargs = dict(net_arch=net_arch or [32, 32])
     policy_kwargs.update(kwargs.pop("policy_kwargs", {}))
-    model = SAC(
-        "MlpPolicy",
-        VectorBoxEnv(),
-        learning_starts=learning_starts,
-        batch_size=32,
-        policy_kwargs=policy_kwargs,
-        seed=0,
-        **kwargs,
-    )
-    model.learn(learning_starts)
-    assert model._n_updates == 0 and model.replay_buffer.size() == learning_starts
-    model.set_logger(Logger(None, []))
-    return model
+    return filled_sac(learning_starts, batch_size=32, policy_kwargs=policy_kwargs, **kwargs)
 
 
 def _batch(model: SAC, size: int = 32) -> tuple[th.Tensor, th.Tensor]:
@@ -60,7 +48,7 @@ def _set_constant_outputs(q_networks: nn.Module) -> None:
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict, Any]]:
-    """Record every call of ``sb3_softac.sac.<name>`` (arguments and result) while still running it."""
+    """Record every call of ``sb3_softac.sac.<name>`` (and the engine's) with arguments and result, still running it."""
     calls: list[tuple[tuple, dict, Any]] = []
     original: Callable = getattr(sb3_softac.sac, name)
 
@@ -70,6 +58,8 @@ def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict, 
         return result
 
     monkeypatch.setattr(sb3_softac.sac, name, spy)
+    if hasattr(sb3_softac.engine, name):  # the update engine computes its forward values with the same functions
+        monkeypatch.setattr(sb3_softac.engine, name, spy)
     return calls
 
 
@@ -82,7 +72,7 @@ def test_dropout_is_active_in_training_mode_only() -> None:
     model = _model(policy_kwargs=dict(dropout_rate=0.1))
     obs, actions = _batch(model)
     critic = model.critic
-    assert sum(isinstance(m, nn.Dropout) for m in critic.q_networks) == 2  # one per hidden layer
+    assert sum(isinstance(m, nn.Dropout) for m in critic.q_networks.layers) == 2  # one per hidden layer
     with th.no_grad():
         critic.set_training_mode(True)
         train_1, train_2 = critic.q_values(obs, actions), critic.q_values(obs, actions)
@@ -116,11 +106,11 @@ def test_target_critic_keeps_dropout_active() -> None:
 
 def test_layer_norm_normalises_hidden_activations() -> None:
     model = _model(net_arch=[32, 24], policy_kwargs=dict(layer_norm=True))
-    norms = [m for m in model.critic.q_networks if isinstance(m, EnsembleLayerNorm)]
+    norms = [m for m in model.critic.q_networks.layers if isinstance(m, EnsembleLayerNorm)]
     assert len(norms) == 2
     assert not any(isinstance(m, EnsembleLayerNorm) for m in model.actor.modules())  # critics only
     # Order in each hidden layer: linear -> layer norm -> activation (DroQ, without dropout here).
-    kinds = [type(m).__name__ for m in model.critic.q_networks]
+    kinds = [type(m).__name__ for m in model.critic.q_networks.layers]
     assert kinds == ["EnsembleLinear", "EnsembleLayerNorm", "ReLU"] * 2 + ["EnsembleLinear"]
     outputs: list[th.Tensor] = []
     handles = [norm.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach())) for norm in norms]
@@ -155,8 +145,18 @@ def test_layer_norm_normalises_hidden_activations() -> None:
 
 def test_redq_target_takes_min_over_random_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Critic i (online and target) outputs the constant i; critics do not learn (qf_learning_rate=0), so every
-    target's minimum is the smallest index of the pair drawn at that step: P(min = k) = (9 - k) / 45."""
-    model = _model(net_arch=[8], policy_kwargs=dict(n_critics=10), critic_subset_size=2, qf_learning_rate=0.0)
+    target's minimum is the smallest index of the pair drawn at that step: P(min = k) = (9 - k) / 45.
+
+    On the autograd update, which evaluates every target critic; the update engine evaluates only the drawn pair
+    and matches the autograd update draw for draw (tests/test_engine.py)."""
+    model = _model(
+        net_arch=[8],
+        policy_kwargs=dict(n_critics=10),
+        critic_subset_size=2,
+        actor_q_reduction="mean",
+        qf_learning_rate=0.0,
+        update_engine="autograd",
+    )
     _set_constant_outputs(model.critic.q_networks)
     _set_constant_outputs(model.critic_target.q_networks)
     minima = _spy(monkeypatch, "min_over_critics")
@@ -196,12 +196,16 @@ def test_default_target_and_actor_take_min_over_all_critics(monkeypatch: pytest.
     _set_constant_outputs(model.critic.q_networks)
     _set_constant_outputs(model.critic_target.q_networks)
     minima = _spy(monkeypatch, "min_over_critics")
+    actor_reductions = _spy(monkeypatch, "reduce_critics")
     model.train(5, 32)
-    # Target (subset None) then actor, at each step; both the minimum over the 3 critics, i.e. 0.
-    assert len(minima) == 10
+    # Target (subset None) and actor at each step; both the minimum over the 3 critics, i.e. 0.
+    assert len(minima) == 5 and len(actor_reductions) == 5
     for args, kwargs, result in minima:
         assert args[1:] in ((), (None,)) and kwargs.get("subset_size") is None
         assert args[0].shape[0] == 3
+        th.testing.assert_close(result, th.zeros(32, 1))
+    for args, _, result in actor_reductions:
+        assert args[1:] == ("min",) and args[0].shape[0] == 3
         th.testing.assert_close(result, th.zeros(32, 1))
 
 
@@ -261,43 +265,6 @@ def test_qf_learning_rate_sets_the_critic_optimizer_only() -> None:
     assert "train/qf_learning_rate" not in plain.logger.name_to_value
 
 
-def test_qf_learning_rate_schedule() -> None:
-    model = _model(learning_rate=lambda progress: 3e-4 * progress, qf_learning_rate=lambda progress: 1e-3 * progress)
-    assert model.critic.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # progress 1 at creation
-    model._current_progress_remaining = 0.25
-    model.train(1, 32)
-    assert model.critic.optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-4)
-    assert model.actor.optimizer.param_groups[0]["lr"] == pytest.approx(7.5e-5)
-    assert model.logger.name_to_value["train/qf_learning_rate"] == pytest.approx(2.5e-4)
-    assert model.logger.name_to_value["train/learning_rate"] == pytest.approx(7.5e-5)
-    # During learn() the critics' rate follows the schedule down to 0 (the last update is at progress 0).
-    model = SAC(
-        "MlpPolicy",
-        VectorBoxEnv(),
-        learning_starts=50,
-        batch_size=16,
-        policy_kwargs=dict(net_arch=[8]),
-        qf_learning_rate=lambda progress: 1e-3 * progress,
-        seed=0,
-    )
-    critic_rates: list[float] = []
-    model.learn(100, callback=_RecordCriticRate(critic_rates))
-    rates = np.array(critic_rates[51:])  # from the step after the first update on
-    assert rates[0] == pytest.approx(5e-4, rel=0.05) and np.all(np.diff(rates) < 0)
-    assert model.critic.optimizer.param_groups[0]["lr"] == 0.0
-    assert model.actor.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)  # learning_rate stays constant
-
-
-class _RecordCriticRate(BaseCallback):
-    def __init__(self, rates: list[float]) -> None:
-        super().__init__()
-        self.rates = rates
-
-    def _on_step(self) -> bool:
-        self.rates.append(self.model.critic.optimizer.param_groups[0]["lr"])
-        return True
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Cost of the ensemble size in Python work
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,7 +307,7 @@ def _work_of_one_update(n_critics: int, **kwargs: Any) -> tuple[Counter[str], Co
     [
         (2, 10, {}),
         (2, 10, dict(policy_kwargs=dict(dropout_rate=0.01, layer_norm=True))),
-        (3, 10, dict(critic_subset_size=2)),
+        (3, 10, dict(critic_subset_size=2, actor_q_reduction="mean")),
     ],
     ids=["plain", "droq", "redq"],
 )
@@ -366,10 +333,13 @@ def test_defaults_build_plain_sac(action_space: str) -> None:
         env.action_space = spaces.Discrete(4)
     model = SAC("MlpPolicy", env, seed=0)
     assert model.critic_subset_size is None and model.policy_delay == 1 and model.qf_learning_rate is None
+    assert model.actor_q_reduction == "min"
     assert model.policy.dropout_rate == 0.0 and model.policy.layer_norm is False and model.policy.n_critics == 2
     for network in (model.critic, model.critic_target, model.actor):
         kinds = {type(m) for m in network.modules()}
         assert not kinds & {nn.Dropout, EnsembleLayerNorm, nn.LayerNorm, nn.BatchNorm1d}
-    assert [type(m).__name__ for m in model.critic.q_networks] == ["EnsembleLinear", "ReLU"] * 2 + ["EnsembleLinear"]
+    assert [type(m).__name__ for m in model.critic.q_networks.layers] == ["EnsembleLinear", "ReLU"] * 2 + [
+        "EnsembleLinear"
+    ]
     # The critics' optimizer uses learning_rate.
     assert model.critic.optimizer.param_groups[0]["lr"] == model.actor.optimizer.param_groups[0]["lr"] == 3e-4

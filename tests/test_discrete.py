@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from envs import ActionSpaceEnv, make_sac
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import EvalCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -107,22 +108,6 @@ class DictDiscreteEnv(gym.Env):
         return self._obs(), reward, False, self._t >= 8, {}
 
 
-class ActionSpaceEnv(gym.Env):
-    """An environment with the given action space (only constructed, never stepped)."""
-
-    def __init__(self, action_space: spaces.Space) -> None:
-        super().__init__()
-        self.observation_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
-        self.action_space = action_space
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        return np.zeros(2, np.float32), {}
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
-        return np.zeros(2, np.float32), 0.0, False, True, {}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The math, by hand (numpy, float64) against one gradient step of the algorithm
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,15 +130,13 @@ def _assert_close(actual: th.Tensor, expected: np.ndarray) -> None:
 
 def _linear_model(**kwargs) -> SAC:
     """A model whose actor and critics are single linear layers (no hidden layer), optimised by plain SGD."""
-    model = SAC(
-        "MlpPolicy",
+    model = make_sac(
         VectorDiscreteEnv(),
         learning_rate=0.1,
         gamma=0.9,
         ent_coef="auto_0.5",
         target_entropy=0.7,
         learning_starts=0,
-        seed=0,
         policy_kwargs=dict(net_arch=[], optimizer_class=th.optim.SGD),
         **kwargs,
     )
@@ -193,8 +176,8 @@ def test_one_gradient_step_by_hand() -> None:
     w_t, b_t = rng.normal(size=(2, 2, 3)), rng.normal(size=(2, 1, 3))
     _set(model.actor.logits.weight, w_pi)
     _set(model.actor.logits.bias, b_pi)
-    (q_layer,) = model.critic.q_networks
-    (t_layer,) = model.critic_target.q_networks
+    (q_layer,) = model.critic.q_networks.layers
+    (t_layer,) = model.critic_target.q_networks.layers
     _set(q_layer.weight, w_q)
     _set(q_layer.bias, b_q)
     _set(t_layer.weight, w_t)
@@ -391,11 +374,3 @@ def test_use_sde_or_action_noise_with_discrete_actions_is_refused() -> None:
         SAC("MlpPolicy", VectorDiscreteEnv(), use_sde=True)
     with pytest.raises(ValueError, match="use_sde and action_noise"):
         SAC("MlpPolicy", VectorDiscreteEnv(), action_noise=NormalActionNoise(np.zeros(1), np.ones(1)))
-
-
-@pytest.mark.parametrize(
-    ("space", "name"), [(spaces.MultiDiscrete([2, 3]), "MultiDiscrete"), (spaces.MultiBinary(3), "MultiBinary")]
-)
-def test_multi_discrete_and_multi_binary_are_refused(space: spaces.Space, name: str) -> None:
-    with pytest.raises(AssertionError, match=name):
-        SAC("MlpPolicy", ActionSpaceEnv(space))

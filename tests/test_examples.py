@@ -1,30 +1,15 @@
 """The example scripts run to completion (with a tiny budget) in a fresh interpreter, as a user would run them."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from envs import REPO_ROOT, run_python
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = REPO_ROOT / "examples"
 
 
 def _run(script: str, *args: str, cwd: Path, expected_returncode: int = 0) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == expected_returncode, (
-        f"{script} {' '.join(args)} exited with {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    )
-    return result.stdout
+    return run_python(str(EXAMPLES / script), *args, cwd=cwd, expected_returncode=expected_returncode).stdout
 
 
 def test_sb3_pipeline(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch as th
-from conftest import PointGoalEnv
+from envs import PointGoalEnv
 
 from sb3_softac import SAC
 

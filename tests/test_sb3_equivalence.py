@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import stable_baselines3 as sb3
 import torch as th
+from envs import make_sac
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 
-from sb3_softac import SAC
 from sb3_softac.checkpoints import state_dict_from_sb3, state_dict_to_sb3
 
 BATCH = 64
@@ -21,11 +21,11 @@ LEARNING_RATE = 3e-4
 
 
 def _pair(env, **kwargs):
-    kwargs = dict(learning_starts=0, batch_size=BATCH, learning_rate=LEARNING_RATE, seed=0, **kwargs)
-    kwargs.setdefault("policy_kwargs", dict(net_arch=[32, 32]))
-    reference = sb3.SAC("MlpPolicy", env, **kwargs)
-    ours = SAC("MlpPolicy", env, **kwargs)
+    kwargs = dict(learning_starts=0, batch_size=BATCH, learning_rate=LEARNING_RATE, **kwargs)
+    reference = make_sac(env, algo=sb3.SAC, **kwargs)
+    ours = make_sac(env, **kwargs)
     ours.policy.load_state_dict(state_dict_from_sb3(reference.policy.state_dict()))
+    assert ours.update_path == "engine"  # these tests check the autograd-free update engine against SB3
     return reference, ours
 
 
@@ -42,7 +42,10 @@ def _batch(env) -> ReplayBufferSamples:
 
 
 def _train_step(model, batch: ReplayBufferSamples, n_steps: int = 1) -> dict[str, float]:
-    model.replay_buffer.sample = lambda *args, **kwargs: batch
+    # The same minibatch at every step, however many steps' minibatches are asked for at once.
+    model.replay_buffer.sample = lambda size, env=None: ReplayBufferSamples(
+        *(None if x is None else x.repeat(size // BATCH, 1) for x in batch)
+    )
     model.set_logger(configure(None, []))
     th.manual_seed(1234)  # both draw their action noise from the global generator, in the same order
     model.train(gradient_steps=n_steps, batch_size=BATCH)

@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import pytest
 import torch as th
 import yaml
+from envs import REPO_ROOT, run_python
 
 pytest.importorskip("rl_zoo3", reason="the zoo integration needs rl_zoo3 (pip install 'sb3_softac[zoo]')")
 
@@ -48,7 +50,6 @@ from sb3_softac import SAC, zoo, zoo_tuning
 from sb3_softac.networks import EnsembleLayerNorm
 from sb3_softac.policies import CategoricalActor
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ZOO_HYPERPARAMS = Path(rl_zoo3.__file__).parent / "hyperparams"
 ZOO_SAC_YML = ZOO_HYPERPARAMS / "sac.yml"
 MUJOCO_V4_IDS = ("HalfCheetah-v4", "Ant-v4", "Hopper-v4", "Walker2d-v4", "Humanoid-v4", "Swimmer-v4")
@@ -58,63 +59,17 @@ NET = [32, 32]
 SUBPROCESS_TIMEOUT = 180
 
 
-@dataclass
-class ZooRun:
-    """Outcome of one ``python -m ...`` call."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def _subprocess_env() -> dict[str, str]:
-    """:return: environment for zoo subprocesses: single-threaded, headless, same ``sb3_softac`` as this process."""
-    env = dict(os.environ)
-    package_parent = str(Path(sb3_softac.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
-    return env
-
-
-def run_module(module: str, *args: str, cwd: Path) -> ZooRun:
+def run_zoo(*args: str, cwd: Path, expected_returncode: int = 0) -> subprocess.CompletedProcess[str]:
     """
-    Run ``python -m MODULE ARGS`` to completion.
-
-    :param module: module to run (``sb3_softac.zoo``, ``rl_zoo3.train``, ...)
-    :param args: its arguments
-    :param cwd: working directory (relative log folders end up there)
-    :return: exit status and captured output
-    """
-    completed = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=_subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-        check=False,
-    )
-    return ZooRun(completed.returncode, completed.stdout, completed.stderr)
-
-
-def run_zoo(*args: str, cwd: Path) -> ZooRun:
-    """
-    Run ``python -m sb3_softac.zoo ARGS`` to completion.
+    Run ``python -m sb3_softac.zoo ARGS`` to completion, as a user would.
 
     :param args: script name and its arguments
     :param cwd: working directory (relative log folders end up there)
-    :return: exit status and captured output
+    :param expected_returncode: the exit status the test expects
+    :return: the finished process, with its output
     """
-    return run_module("sb3_softac.zoo", *args, cwd=cwd)
-
-
-def assert_ok(run: ZooRun) -> None:
-    """
-    :param run: a finished zoo call
-    :raises AssertionError: with the end of its output when it failed
-    """
-    assert run.returncode == 0, (
-        f"exit status {run.returncode}\n--- stdout\n{run.stdout[-3000:]}\n--- stderr\n{run.stderr[-3000:]}"
+    return run_python(
+        "-m", "sb3_softac.zoo", *args, cwd=cwd, timeout=SUBPROCESS_TIMEOUT, expected_returncode=expected_returncode
     )
 
 
@@ -165,8 +120,7 @@ def tiny_conf(path: Path, **extra: Any) -> Path:
 
 
 def test_unknown_script_gives_clear_error(tmp_path: Path) -> None:
-    run = run_zoo("trian", "--algo", "softac", cwd=tmp_path)
-    assert run.returncode == 2
+    run = run_zoo("trian", "--algo", "softac", cwd=tmp_path, expected_returncode=2)
     assert "unknown script 'trian'" in run.stderr
     for script in zoo.SCRIPTS:
         assert script in run.stderr
@@ -380,10 +334,10 @@ def test_zoo_configuration_files_build_what_they_name(variant: str) -> None:
     assert model.gradient_steps == model.policy_delay == 20  # UTD 20, actor once per environment step
     kinds = {type(m) for m in model.critic.q_networks.modules()}
     if variant == "droq":
-        assert model.critic.n_critics == 2 and model.critic_subset_size is None
+        assert model.critic.n_critics == 2 and model.critic_subset_size is None and model.actor_q_reduction == "min"
         assert {nn.Dropout, EnsembleLayerNorm} <= kinds
     else:
-        assert model.critic.n_critics == 10 and model.critic_subset_size == 2
+        assert model.critic.n_critics == 10 and model.critic_subset_size == 2 and model.actor_q_reduction == "mean"
         assert not {nn.Dropout, EnsembleLayerNorm} & kinds
 
 
@@ -469,7 +423,7 @@ class TrainedRun:
     """A ``train --algo softac`` run on Pendulum-v1 with the packaged hyperparameters."""
 
     workdir: Path
-    run: ZooRun
+    run: subprocess.CompletedProcess[str]
     run_dir: Path
 
 
@@ -497,7 +451,6 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
         "logs",
         cwd=workdir,
     )
-    assert_ok(run)
     return TrainedRun(workdir, run, workdir / "logs" / "softac" / "Pendulum-v1_1")
 
 
@@ -534,7 +487,6 @@ def test_enjoy_trained_agent(trained_run: TrainedRun) -> None:
         "1",
         cwd=trained_run.workdir,
     )
-    assert_ok(run)
     assert "Pendulum-v1_1/Pendulum-v1.zip" in run.stdout
     assert "Mean reward:" in run.stdout
 
@@ -573,7 +525,6 @@ def test_conf_file_overrides_packaged_file(tmp_path: Path) -> None:
         "logs",
         cwd=tmp_path,
     )
-    assert_ok(run)
     assert f"Loading hyperparameters from: {custom}" in run.stdout
     run_dir = tmp_path / "logs" / "softac" / "Pendulum-v1_1"
     assert load_yaml(run_dir / "Pendulum-v1" / "args.yml")["conf_file"] == str(custom)
@@ -619,7 +570,6 @@ def test_unlisted_env_uses_default_entry(tmp_path: Path) -> None:
         str(tmp_path / "logs"),
         cwd=tmp_path,
     )
-    assert_ok(run)
     assert "Using 'default' hyperparameters" in run.stdout
     params_dir = tmp_path / "logs" / "softac" / "SoftacTestPendulum-v0_1" / "SoftacTestPendulum-v0"
     assert dict(load_yaml(params_dir / "config.yml")) == {"policy": "MlpPolicy", "n_timesteps": 1e6}
@@ -650,12 +600,11 @@ def test_parallel_train_callback_from_a_zoo_file(tmp_path: Path) -> None:
         train_freq=[1, "episode"],
         callback=[{"rl_zoo3.callbacks.ParallelTrainCallback": {"gradient_steps": gradient_steps}}],
     )
-    run = run_zoo(
+    run_zoo(
         *("train", "--algo", "softac", "--env", "Pendulum-v1", "-conf", str(conf)),
         *("--seed", "0", "--eval-freq", "-1", "--num-threads", "1", "-f", "logs"),
         cwd=tmp_path,
     )
-    assert_ok(run)
     # The saved model is the one trained in the background thread.
     model = SAC.load(tmp_path / "logs" / "softac" / "Pendulum-v1_1" / "Pendulum-v1.zip", device="cpu")
     assert type(model) is SAC
@@ -716,11 +665,10 @@ def test_record_training_replays_every_saved_model(trained_run: TrainedRun) -> N
     pytest.importorskip("pygame", reason="Pendulum-v1 renders with pygame (sb3_softac[tests])")
     pytest.importorskip("moviepy", reason="SB3's VecVideoRecorder writes with moviepy (sb3_softac[tests])")
     out = trained_run.workdir / "training_videos"
-    run = run_zoo(
+    run_zoo(
         *("record_training", "--algo", "softac", "--env", "Pendulum-v1", "-f", "logs", "-n", "20", "-o", str(out)),
         cwd=trained_run.workdir,
     )
-    assert_ok(run)
     # One replay per checkpoint (--save-freq 250 over 500 steps) and one for the final model, then all of them joined.
     names = sorted(path.name for path in out.glob("*.mp4"))
     assert names == [
@@ -971,37 +919,25 @@ def test_three_workers_start_together_on_a_fresh_storage(
             """
         )
     )
-    workers = [
-        subprocess.Popen(
-            (
-                sys.executable,
-                "start_together.py",
-                str(index),
-                *("train", "--algo", "softac", "--env", "Pendulum-v1", "-optimize", "-n", "200"),
-                # No gradient step at all: the test is about the shared study, not about learning.
-                *("-params", "learning_starts:1000", "--n-trials", str(n_trials), "--n-startup-trials", "1"),
-                *("--n-evaluations", "1", "--eval-episodes", "1", "--num-threads", "1", "--sampler", "random"),
-                *("--pruner", "none", "--no-optim-plots", "--storage", storage, "--study-name", study_name),
-                *("-f", f"logs_worker{index}"),
-            ),
+
+    def worker(index: int) -> str:
+        finished = run_python(
+            "start_together.py",
+            str(index),
+            *("train", "--algo", "softac", "--env", "Pendulum-v1", "-optimize", "-n", "200"),
+            # No gradient step at all: the test is about the shared study, not about learning.
+            *("-params", "learning_starts:1000", "--n-trials", str(n_trials), "--n-startup-trials", "1"),
+            *("--n-evaluations", "1", "--eval-episodes", "1", "--num-threads", "1", "--sampler", "random"),
+            *("--pruner", "none", "--no-optim-plots", "--storage", storage, "--study-name", study_name),
+            *("-f", f"logs_worker{index}"),
             cwd=tmp_path,
-            env=_subprocess_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            timeout=SUBPROCESS_TIMEOUT,
         )
-        for index in range(n_workers)
-    ]
-    outputs = []
-    for worker in workers:
-        try:
-            output, _ = worker.communicate(timeout=SUBPROCESS_TIMEOUT)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-        outputs.append(output)
-    for worker, output in zip(workers, outputs, strict=True):
-        assert worker.returncode == 0, output[-3000:]
+        return finished.stdout + finished.stderr
+
+    # Threads only wait for the worker processes (and re-raise a worker's failure, with its output).
+    with ThreadPoolExecutor(n_workers) as pool:
+        outputs = list(pool.map(worker, range(n_workers)))
 
     study = optuna.load_study(study_name=study_name, storage=zoo_tuning.open_storage(storage))
     assert len(study.trials) == n_workers * n_trials
@@ -1033,14 +969,14 @@ def zoo_sac_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of ``python -m rl_zoo3.train --algo sac``: ``<folder>/sac/Pendulum-v1_1/Pendulum-v1.zip``."""
     folder = tmp_path_factory.mktemp("zoo")
     # rl_zoo3.train flags: -n timesteps, -f log folder, -params overrides of the packaged hyperparameters.
-    run = run_module(
+    run_python(
+        "-m",
         "rl_zoo3.train",
         *("--algo", "sac", "--env", "Pendulum-v1", "-n", str(ZOO_STEPS), "-f", str(folder), "--seed", "0"),
         *("--num-threads", "1", "--eval-freq", "-1"),
         *("-params", "learning_starts:100", "policy_kwargs:dict(net_arch=[32,32])"),
         cwd=folder,
     )
-    assert_ok(run)
     checkpoint = folder / "sac" / "Pendulum-v1_1" / "Pendulum-v1.zip"
     assert checkpoint.is_file()
     return checkpoint
@@ -1069,8 +1005,7 @@ def test_zoo_enjoys_a_checkpoint_written_by_save_as_sb3(tmp_path: Path) -> None:
     run.mkdir(parents=True)
     ours.save_as_sb3(run / "Pendulum-v1.zip")
     args = ["--algo", "sac", "--env", "Pendulum-v1", "-f", str(tmp_path), "--exp-id", "1", "-n", "50", "--no-render"]
-    result = run_module("rl_zoo3.enjoy", *args, cwd=tmp_path)
-    assert_ok(result)
+    result = run_python("-m", "rl_zoo3.enjoy", *args, cwd=tmp_path)
     assert "Loading" in result.stdout
 
 
@@ -1080,7 +1015,6 @@ def test_our_zoo_enjoys_an_sb3_trained_checkpoint(tmp_path: Path, zoo_sac_run: P
     (run / "Pendulum-v1.zip").write_bytes(zoo_sac_run.read_bytes())
     args = ["--algo", "softac", "--env", "Pendulum-v1", "-f", str(tmp_path), "--exp-id", "1", "-n", "50", "--no-render"]
     result = run_zoo("enjoy", *args, cwd=tmp_path)
-    assert_ok(result)
     assert "Loading" in result.stdout
 
 

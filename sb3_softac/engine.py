@@ -1,0 +1,719 @@
+"""An autograd-free SAC update for the common configuration.
+
+:class:`UpdateEngine` runs the same update as :meth:`sb3_softac.SAC._gradient_step` (temperature, then critics,
+then actor, in the order of SB3's SAC) with forward and backward passes derived by hand and written into
+preallocated tensors. Autograd records every operation and replays it backwards; here a gradient step is a fixed
+list of about two hundred ATen calls, which is what makes a CPU step with small networks fast.
+
+It covers MLP policies on ``Box`` observations and actions (flatten extractor, not shared), the squashed-Gaussian
+actor without gSDE, ReLU or Tanh hidden layers, any number of critics (with REDQ subsets), fixed or learned
+temperature, and Adam/AdamW optimizers. :func:`unsupported_reason` says why any other model is left to the
+autograd update. The forward values reuse the objectives of :mod:`sb3_softac.losses` and the log-density of
+:mod:`sb3_softac.distributions`; only their derivatives live here.
+
+Nothing is copied out of the model: the engine reads the live parameters and optimizers on every call and
+writes the gradients into each parameter's ``.grad``, then calls the model's own optimizers, so that in-place
+edits, ``set_parameters``, learning-rate schedules and optimizer state dicts stay what they are.
+
+The step makes no host synchronisation and keeps static shapes for a given batch size, so one step could be
+captured in a CUDA graph (after copying each minibatch into static input tensors); that capture has not been
+built or tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.preprocessing import is_image_space
+from stable_baselines3.common.torch_layers import FlattenExtractor
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from torch import nn
+from torch.nn.modules import module as module_hooks
+from torch.optim import optimizer as torch_optimizer
+
+from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN, _squashed_log_prob
+from sb3_softac.losses import (
+    CriticReduction,
+    actor_loss,
+    critic_loss,
+    draw_critic_subset,
+    min_over_critics,
+    reduce_critics,
+    soft_q_target,
+    soft_state_value,
+)
+from sb3_softac.losses import temperature_loss as temperature_objective
+from sb3_softac.networks import EnsembleLinear
+from sb3_softac.nonfinite import flag_nonfinite, guarded_step
+from sb3_softac.policies import Actor, SACPolicy
+
+if TYPE_CHECKING:
+    from sb3_softac.sac import SAC
+
+#: Values of ``SAC(update_engine=...)``: ``"auto"`` takes this engine wherever it applies, ``"autograd"`` never.
+UPDATE_ENGINES = ("auto", "autograd")
+
+_Activation = Literal["relu", "tanh"]
+_ACTIVATIONS: dict[type[nn.Module], _Activation] = {nn.ReLU: "relu", nn.Tanh: "tanh"}
+_OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
+
+
+def _mlp_layers(
+    modules: Sequence[nn.Module], linear: type[nn.Module], activation: type[nn.Module]
+) -> list[nn.Module] | None:
+    """The linear layers of ``linear -> activation -> linear -> ...``, or None for any other structure."""
+    layers = list(modules)
+    linears = layers[0::2]
+    activations = layers[1::2]
+    if not all(type(layer) is linear for layer in linears) or not all(type(a) is activation for a in activations):
+        return None
+    return linears
+
+
+def unsupported_reason(model: SAC) -> str | None:
+    """Why the update engine cannot run this model's update, or None when it can.
+
+    :param model: a SAC model whose networks and optimizers are built
+    :return: a short description of the first unsupported feature found
+    """
+    policy = model.policy
+    if type(policy) is not SACPolicy:
+        return f"the policy class {type(policy).__name__} is not the plain MlpPolicy"
+    for method in ("_gradient_step", "_update_actor", "_update_target_critics", "_optimize"):
+        if getattr(type(model), method) is not getattr(_sac_class(), method):
+            return f"the SAC subclass overrides {method}"
+    if not isinstance(model.action_space, spaces.Box) or not isinstance(model.observation_space, spaces.Box):
+        return "only Box observations and Box actions are covered"
+    if is_image_space(model.observation_space, check_channels=False) and policy.normalize_images:
+        return "image observations are covered by the autograd update only"
+    if policy.use_sde:
+        return "gSDE is covered by the autograd update only"
+    if policy.share_features_extractor:
+        return "a shared features extractor is covered by the autograd update only"
+    if policy.dropout_rate > 0.0 or policy.layer_norm:
+        return "critic dropout and layer normalisation are covered by the autograd update only"
+    activation = policy.activation_fn
+    if activation not in _ACTIVATIONS:
+        return f"the activation {getattr(activation, '__name__', activation)} is not ReLU or Tanh"
+    actor, critic, target = model.actor, model.critic, model.critic_target
+    if type(actor) is not Actor:
+        return "the actor is not the squashed-Gaussian Actor"
+    for network in (actor, critic, target):
+        if type(network.features_extractor) is not FlattenExtractor:
+            return f"the features extractor {type(network.features_extractor).__name__} is not FlattenExtractor"
+    if type(actor.mu) is not nn.Linear or type(actor.log_std) is not nn.Linear:
+        return "the actor's heads are not linear layers"
+    if _mlp_layers(list(actor.latent_pi), nn.Linear, activation) is None:
+        return "the actor's hidden layers are not linear layers and activations"
+    for network in (critic, target):
+        if _mlp_layers(network.q_networks.layers, EnsembleLinear, activation) is None:
+            return "the critics are not linear layers and activations"
+    if len(model.batch_norm_stats) > 0:
+        return "batch normalisation is covered by the autograd update only"
+    optimizers: dict[str, tuple[th.optim.Optimizer, list[th.Tensor]]] = {
+        "actor": (actor.optimizer, list(actor.parameters())),
+        "critic": (critic.optimizer, list(critic.parameters())),
+    }
+    if model.ent_coef_optimizer is not None and model.log_ent_coef is not None:
+        optimizers["temperature"] = (model.ent_coef_optimizer, [model.log_ent_coef])
+    for name, (optimizer, expected) in optimizers.items():
+        if type(optimizer) not in _OPTIMIZERS:
+            return f"the {name} optimizer {type(optimizer).__name__} is not Adam or AdamW"
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if len(params) != len(expected) or any(p is not q for p, q in zip(params, expected, strict=True)):
+            return f"the {name} optimizer does not hold exactly the {name}'s parameters"
+    parameters = [p for _, expected in optimizers.values() for p in expected]
+    dtypes = {p.dtype for p in [*parameters, *target.parameters()]}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        return "the parameters do not share one floating-point dtype"
+    return _hooks_reason(model)
+
+
+def _hooks_reason(model: SAC) -> str | None:
+    """Why hooks that the engine would bypass (it runs no module and no autograd) forbid it, or None."""
+    if (
+        module_hooks._global_forward_pre_hooks
+        or module_hooks._global_forward_hooks
+        or module_hooks._global_backward_pre_hooks
+        or module_hooks._global_backward_hooks
+    ):
+        return "global module hooks are registered"
+    for module in model.policy.modules():
+        if module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks:
+            return f"a {type(module).__name__} module has hooks"
+    parameters: list[th.Tensor] = list(model.policy.parameters())
+    if model.log_ent_coef is not None:
+        parameters.append(model.log_ent_coef)
+    for parameter in parameters:
+        if parameter._backward_hooks or getattr(parameter, "_post_accumulate_grad_hooks", None):
+            return "a parameter has gradient hooks"
+    return None
+
+
+def minibatch(samples: ReplayBufferSamples, index: int, batch_size: int) -> ReplayBufferSamples:
+    """The ``index``-th minibatch of ``batch_size`` rows out of several drawn at once."""
+    rows = slice(index * batch_size, (index + 1) * batch_size)
+    return ReplayBufferSamples(
+        observations=samples.observations[rows],
+        actions=samples.actions[rows],
+        next_observations=samples.next_observations[rows],
+        dones=samples.dones[rows],
+        rewards=samples.rewards[rows],
+        discounts=None if samples.discounts is None else samples.discounts[rows],
+    )
+
+
+def _sac_class() -> type[SAC]:
+    # Imported here: sac.py imports this module.
+    from sb3_softac.sac import SAC
+
+    return SAC
+
+
+@dataclass
+class _Linear:
+    """Live references to one affine layer's parameters and their gradient tensors."""
+
+    weight: th.Tensor
+    bias: th.Tensor
+    grad_weight: th.Tensor
+    grad_bias: th.Tensor
+
+
+def _with_grad(parameter: th.Tensor) -> th.Tensor:
+    """The parameter's ``.grad``, created (zero) when missing; the engine writes gradients into it."""
+    if parameter.grad is None or parameter.grad.shape != parameter.shape:
+        parameter.grad = th.zeros_like(parameter)
+    return parameter.grad
+
+
+def _linear(weight: th.Tensor, bias: th.Tensor) -> _Linear:
+    return _Linear(weight, bias, _with_grad(weight), _with_grad(bias))
+
+
+# Per parameter group: parameters, gradients, first and second moments, max second moments (amsgrad), steps.
+_AdamTensors = tuple[
+    list[th.Tensor], list[th.Tensor], list[th.Tensor], list[th.Tensor], list[th.Tensor], list[th.Tensor]
+]
+
+
+class _AdamStep:
+    """``optimizer.step()`` for a fused Adam/AdamW: the same kernel on the optimizer's own state tensors.
+
+    ``Optimizer.step`` spends about 0.1 ms per call in Python collecting its tensors; here they are collected
+    once per ``train`` call. The hyper-parameters come from the optimizer at each call and the state tensors are
+    its own, so ``optimizer.state_dict()`` stays the truth; the non-finite flag is the kernel's ``found_inf``, as
+    in :func:`sb3_softac.nonfinite.guarded_step`. Anything else (state not created yet, a non-fused optimizer,
+    gradient scaling, step hooks) goes through ``guarded_step`` itself.
+    """
+
+    def __init__(self, optimizer: th.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._tensors: list[_AdamTensors] | None = None
+
+    def _collect(self) -> list[_AdamTensors] | None:
+        optimizer = self.optimizer
+        if (
+            getattr(optimizer, "grad_scale", None) is not None
+            or optimizer._optimizer_step_pre_hooks
+            or optimizer._optimizer_step_post_hooks
+            or torch_optimizer._global_optimizer_pre_hooks
+            or torch_optimizer._global_optimizer_post_hooks
+        ):
+            return None
+        tensors: list[_AdamTensors] = []
+        for group in optimizer.param_groups:
+            if not group.get("fused") or group["differentiable"]:
+                return None
+            if any(not optimizer.state.get(p) for p in group["params"]):
+                return None
+            states = [optimizer.state[p] for p in group["params"]]
+            tensors.append(
+                (
+                    list(group["params"]),
+                    [p.grad for p in group["params"]],
+                    [state["exp_avg"] for state in states],
+                    [state["exp_avg_sq"] for state in states],
+                    [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
+                    [state["step"] for state in states],
+                )
+            )
+        return tensors
+
+    def forget(self) -> None:
+        """Collect the tensors again at the next call."""
+        self._tensors = None
+
+    def __call__(self, loss: th.Tensor, flag: th.Tensor) -> None:
+        """Check ``loss`` and the gradients, then step unless ``flag`` is set (see :mod:`sb3_softac.nonfinite`).
+
+        :param loss: the loss whose gradients are in the parameters' ``.grad``
+        :param flag: the ``train`` call's non-finite flag
+        """
+        flag_nonfinite(flag, [loss], self.optimizer)
+        if self._tensors is None:
+            self._tensors = self._collect()
+            if self._tensors is None:
+                guarded_step(self.optimizer, flag)
+                return
+        for group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in zip(
+            self.optimizer.param_groups, self._tensors, strict=True
+        ):
+            th._foreach_add_(steps, 1)
+            decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, th.optim.AdamW))
+            kernel = th._fused_adamw_ if decoupled else th._fused_adam_
+            beta1, beta2 = group["betas"]
+            kernel(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                steps,
+                amsgrad=group["amsgrad"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                grad_scale=None,
+                found_inf=flag,
+            )
+            # As Optimizer.step does with found_inf: a skipped step does not count.
+            th._foreach_sub_(steps, [flag] * len(steps))
+
+
+@dataclass
+class _Bound:
+    """Live references to everything of a model the update reads or writes."""
+
+    actor_hidden: list[_Linear]
+    mu: _Linear
+    log_std: _Linear
+    critic: list[_Linear]
+    critic_target: list[_Linear]
+    target_parameters: list[th.Tensor]
+    critic_parameters: list[th.Tensor]
+    activation: _Activation
+    actor_optimizer: _AdamStep
+    critic_optimizer: _AdamStep
+    ent_coef_optimizer: _AdamStep | None
+    log_ent_coef: th.Tensor | None
+    log_ent_coef_grad: th.Tensor | None
+    fixed_ent_coef: th.Tensor | None
+    grads: list[tuple[th.Tensor, th.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def from_model(cls, model: SAC) -> _Bound:
+        actor, critic, target = model.actor, model.critic, model.critic_target
+        assert isinstance(actor, Actor)
+        activation = _ACTIVATIONS[model.policy.activation_fn]
+        actor_hidden = [_linear(layer.weight, layer.bias) for layer in actor.latent_pi if isinstance(layer, nn.Linear)]
+        assert isinstance(actor.mu, nn.Linear)
+        assert isinstance(actor.log_std, nn.Linear)
+        critic_layers = [_linear(m.weight, m.bias) for m in critic.q_networks.layers if isinstance(m, EnsembleLinear)]
+        # The target critics get no gradient: their "grad" fields are never read.
+        target_layers = [
+            _Linear(m.weight, m.bias, m.weight, m.bias)
+            for m in target.q_networks.layers
+            if isinstance(m, EnsembleLinear)
+        ]
+        log_ent_coef = model.log_ent_coef
+        bound = cls(
+            actor_hidden=actor_hidden,
+            mu=_linear(actor.mu.weight, actor.mu.bias),
+            log_std=_linear(actor.log_std.weight, actor.log_std.bias),
+            critic=critic_layers,
+            critic_target=target_layers,
+            target_parameters=[t for layer in target_layers for t in (layer.weight, layer.bias)],
+            critic_parameters=[t for layer in critic_layers for t in (layer.weight, layer.bias)],
+            activation=activation,
+            actor_optimizer=_AdamStep(actor.optimizer),
+            critic_optimizer=_AdamStep(critic.optimizer),
+            ent_coef_optimizer=None if model.ent_coef_optimizer is None else _AdamStep(model.ent_coef_optimizer),
+            log_ent_coef=log_ent_coef,
+            log_ent_coef_grad=None if log_ent_coef is None else _with_grad(log_ent_coef),
+            fixed_ent_coef=model.ent_coef_tensor,
+        )
+        for layer in [*actor_hidden, bound.mu, bound.log_std, *critic_layers]:
+            bound.grads.extend([(layer.weight, layer.grad_weight), (layer.bias, layer.grad_bias)])
+        if log_ent_coef is not None:
+            assert bound.log_ent_coef_grad is not None
+            bound.grads.append((log_ent_coef, bound.log_ent_coef_grad))
+        return bound
+
+    def grads_in_place(self) -> bool:
+        """Whether every parameter still holds the gradient tensor the engine writes into."""
+        return all(p.grad is g for p, g in self.grads)
+
+
+class _Buffers:
+    """Preallocated activations and gradients of one batch size."""
+
+    def __init__(
+        self, bound: _Bound, batch_size: int, obs_dim: int, action_dim: int, like: th.Tensor, target_members: int
+    ) -> None:
+        def empty(*shape: int) -> th.Tensor:
+            return th.empty(shape, dtype=like.dtype, device=like.device)
+
+        n_critics = bound.critic[0].weight.shape[0]
+        rows = 2 * batch_size  # the actor runs on observations and next observations in one pass
+        self.actor_in = empty(rows, obs_dim)
+        self.actor_hidden = [empty(rows, layer.weight.shape[0]) for layer in bound.actor_hidden]
+        self.actor_hidden_grad = [empty(batch_size, layer.weight.shape[0]) for layer in bound.actor_hidden]
+        self.mean = empty(rows, action_dim)
+        self.log_std_raw = empty(rows, action_dim)
+        self.log_std = empty(rows, action_dim)
+        self.std = empty(rows, action_dim)
+        self.noise = empty(rows, action_dim)
+        self.gaussian_actions = empty(rows, action_dim)
+        self.actions = empty(rows, action_dim)
+        # Critic inputs: (obs, replayed action), (next obs, next action), (obs, policy action).
+        self.critic_in = empty(batch_size, obs_dim + action_dim)
+        self.target_in = empty(batch_size, obs_dim + action_dim)
+        self.actor_critic_in = empty(batch_size, obs_dim + action_dim)
+        self.critic_hidden = [empty(n_critics, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
+        self.critic_hidden_grad = [empty(n_critics, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
+        self.head_product = empty(n_critics, batch_size, bound.critic[-1].weight.shape[1])
+        self.q = empty(n_critics, batch_size, 1)
+        self.q_grad = empty(n_critics, batch_size, 1)
+        # The target critics that one target evaluates: all of them, or REDQ's subset, whose weights are gathered
+        # into ``target_subset`` at each step so that the critics left out cost nothing.
+        self.target_subset: list[_Linear] = []
+        for layer in bound.critic_target if target_members < n_critics else []:
+            weight = empty(target_members, *layer.weight.shape[1:])
+            bias = empty(target_members, *layer.bias.shape[1:])
+            self.target_subset.append(_Linear(weight, bias, weight, bias))  # no gradient: grad fields unused
+        self.target_hidden = [empty(target_members, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
+        self.target_head_product = empty(target_members, batch_size, bound.critic[-1].weight.shape[1])
+        self.target_q = empty(target_members, batch_size, 1)
+        self.action_grad_members = empty(n_critics, batch_size, action_dim)
+        self.action_grad = empty(batch_size, action_dim)
+        self.gaussian_grad = empty(batch_size, action_dim)
+        self.log_std_grad = empty(batch_size, action_dim)
+        self.clamp_mask = th.empty((batch_size, action_dim), dtype=th.bool, device=like.device)
+        self.key = (batch_size, obs_dim, action_dim, like.dtype, like.device, n_critics, target_members)
+
+
+def _activate(x: th.Tensor, activation: _Activation) -> None:
+    if activation == "relu":
+        x.relu_()
+    else:
+        x.tanh_()
+
+
+def _activation_backward(grad: th.Tensor, output: th.Tensor, activation: _Activation, out: th.Tensor) -> None:
+    """Gradient through the activation from its output: ``grad * 1[y > 0]`` or ``grad * (1 - y^2)``."""
+    # ATen's own backward kernels: a where() or a multiply by a mask costs many times more on the CPU.
+    if activation == "relu":
+        th.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=out)
+    else:
+        th.ops.aten.tanh_backward.grad_input(grad, output, grad_input=out)
+
+
+class UpdateEngine:
+    """The SAC gradient step without autograd, for the models :func:`unsupported_reason` accepts.
+
+    One engine serves one model: it rebinds to the model's live parameters and optimizers at every
+    :meth:`begin` and keeps its buffers between calls for as long as the batch size and the networks' shapes
+    stay the same.
+    """
+
+    def __init__(self) -> None:
+        self._bound: _Bound | None = None
+        self._identity: tuple[int, ...] = ()
+        self._buffers: _Buffers | None = None
+
+    def begin(self, model: SAC) -> str | None:
+        """Bind to the model's current networks and optimizers before a ``train`` call.
+
+        :param model: the model to update
+        :return: None when bound, or why the engine does not cover the model (as it is now)
+        """
+        identity = tuple(
+            id(x)
+            for x in (
+                model.policy,
+                model.actor,
+                model.critic,
+                model.critic_target,
+                model.actor.optimizer,
+                model.critic.optimizer,
+                model.ent_coef_optimizer,
+                model.log_ent_coef,
+                model.ent_coef_tensor,
+                *model.policy.parameters(),
+            )
+        )
+        if self._bound is None or identity != self._identity or not self._bound.grads_in_place():
+            reason = unsupported_reason(model)
+            if reason is not None:
+                self._bound = None
+                return reason
+            self._bound = _Bound.from_model(model)
+            self._identity = identity
+            self._buffers = None
+        else:
+            # The full check only when something was replaced; hooks can come and go on the same modules.
+            reason = _hooks_reason(model)
+            if reason is not None:
+                return reason
+        # The optimizers' state tensors may have been replaced (load_state_dict) since the last call.
+        for step in (self._bound.actor_optimizer, self._bound.critic_optimizer, self._bound.ent_coef_optimizer):
+            if step is not None:
+                step.forget()
+        return None
+
+    def _buffers_for(
+        self, batch_size: int, obs_dim: int, action_dim: int, like: th.Tensor, subset_size: int | None
+    ) -> _Buffers:
+        assert self._bound is not None
+        n_critics = self._bound.critic[0].weight.shape[0]
+        target_members = n_critics if subset_size is None else min(subset_size, n_critics)
+        key = (batch_size, obs_dim, action_dim, like.dtype, like.device, n_critics, target_members)
+        if self._buffers is None or self._buffers.key != key:
+            self._buffers = _Buffers(self._bound, batch_size, obs_dim, action_dim, like, target_members)
+        return self._buffers
+
+    @th.no_grad()
+    def gradient_step(
+        self, model: SAC, replay_data: ReplayBufferSamples, update_actor: bool, update_target: bool
+    ) -> tuple[th.Tensor, th.Tensor | None]:
+        """One SAC update of ``model`` on a minibatch, as :meth:`SAC._gradient_step` and the target update do it.
+
+        It obeys the model's non-finite flag as the autograd update does (see :mod:`sb3_softac.nonfinite`): each
+        loss and its gradients are checked before the optimizer step, which, like the Polyak update, does nothing
+        once the flag is set.
+
+        :param model: the model bound by :meth:`begin`
+        :param replay_data: the minibatch
+        :param update_actor: whether to update the temperature and the actor after the critics
+        :param update_target: whether to move the target critics towards the critics afterwards
+        :return: the critic statistics row and, when the actor was updated, the actor statistics row, as
+            :meth:`SAC._gradient_step` returns them
+        """
+        bound = self._bound
+        assert bound is not None, "call begin() first"
+        flag = model._nonfinite
+        obs = replay_data.observations.flatten(1)
+        batch_size, obs_dim = obs.shape
+        buf = self._buffers_for(
+            batch_size, obs_dim, replay_data.actions.shape[1], bound.mu.weight, model.critic_subset_size
+        )
+        if bound.log_ent_coef is not None:
+            ent_coef = bound.log_ent_coef.exp().squeeze(0)
+        else:
+            assert bound.fixed_ent_coef is not None
+            ent_coef = bound.fixed_ent_coef
+
+        # Actor forward: observations in the first half (only when the actor learns), next observations in the
+        # second. The noise is drawn half by half, in the order the autograd update draws it.
+        first = 0 if update_actor else batch_size
+        if update_actor:
+            buf.actor_in[:batch_size].copy_(obs)
+            buf.noise[:batch_size].normal_()
+        buf.actor_in[batch_size:].copy_(replay_data.next_observations.flatten(1))
+        buf.noise[batch_size:].normal_()
+        self._actor_forward(bound, buf, first)
+        log_prob = _squashed_log_prob(buf.noise[first:], buf.gaussian_actions[first:], buf.log_std[first:]).unsqueeze(1)
+        log_prob_pi, next_log_prob = log_prob[: batch_size - first], log_prob[batch_size - first :]
+
+        # Soft Q target from the target critics at the next observations.
+        buf.target_in[:, :obs_dim].copy_(replay_data.next_observations.flatten(1))
+        buf.target_in[:, obs_dim:].copy_(buf.actions[batch_size:])
+        # REDQ's subset is drawn where min_over_critics draws it, and only its members are evaluated.
+        subset = draw_critic_subset(len(bound.critic_target[0].weight), model.critic_subset_size, flag.device)
+        target = bound.critic_target
+        if subset is not None:
+            for source, gathered in zip(bound.critic_target, buf.target_subset, strict=True):
+                th.index_select(source.weight, 0, subset, out=gathered.weight)
+                th.index_select(source.bias, 0, subset, out=gathered.bias)
+            target = buf.target_subset
+        self._critic_forward(
+            target, bound.activation, buf.target_in, buf.target_hidden, buf.target_head_product, buf.target_q
+        )
+        next_q = min_over_critics(buf.target_q)
+        discounts = replay_data.discounts if replay_data.discounts is not None else model.gamma
+        next_value = soft_state_value(next_q, next_log_prob, ent_coef)
+        target_q = soft_q_target(replay_data.rewards, replay_data.dones, discounts, next_value)
+
+        # Critic loss 1/2 sum_i mean_b (Q_i - y)^2: its gradient w.r.t. Q_i(s_b, a_b) is (Q_i - y) / batch.
+        buf.critic_in[:, :obs_dim].copy_(obs)
+        buf.critic_in[:, obs_dim:].copy_(replay_data.actions)
+        self._critic_forward(bound.critic, bound.activation, buf.critic_in, buf.critic_hidden, buf.head_product, buf.q)
+        loss_q = critic_loss(buf.q, target_q)
+        mean_q = buf.q.mean()
+        th.sub(buf.q, target_q, out=buf.q_grad).div_(batch_size)
+        self._critic_backward(bound, buf, buf.critic_in, weights=True)
+        bound.critic_optimizer(loss_q, flag)
+        critic_row = th.stack([loss_q, ent_coef, mean_q, flag])
+
+        actor_row = None
+        if update_actor:
+            # The temperature after the critics, as the autograd update steps it (nothing in between reads it).
+            entropy = -log_prob_pi.mean()
+            ent_coef_loss = []
+            if bound.log_ent_coef is not None:
+                assert bound.ent_coef_optimizer is not None
+                assert bound.log_ent_coef_grad is not None
+                target_entropy = float(model.target_entropy)
+                ent_coef_loss = [temperature_objective(bound.log_ent_coef, log_prob_pi, target_entropy)]
+                # d/dlog(alpha) of -log(alpha) * mean(log pi + target entropy)
+                th.mean(log_prob_pi, dim=0, out=bound.log_ent_coef_grad).add_(target_entropy).neg_()
+                bound.ent_coef_optimizer(ent_coef_loss[0], flag)
+            loss_pi = self._actor_step(bound, buf, ent_coef, log_prob_pi, model.actor_q_reduction, obs_dim, flag)
+            actor_row = th.stack([loss_pi, entropy, *ent_coef_loss, flag])
+
+        if update_target:
+            # guarded_lerp_'s weight, (1 - flag) tau, in one foreach call without reading the flag on the host.
+            weight = (1.0 - flag) * model.tau
+            th._foreach_lerp_(bound.target_parameters, bound.critic_parameters, [weight] * len(bound.target_parameters))
+        return critic_row, actor_row
+
+    @staticmethod
+    def _actor_forward(bound: _Bound, buf: _Buffers, first: int) -> None:
+        """Mean, clamped log std and reparameterised action of the rows ``first:`` of ``buf.actor_in``."""
+        x = buf.actor_in[first:]
+        for layer, out in zip(bound.actor_hidden, buf.actor_hidden, strict=True):
+            x = th.addmm(layer.bias, x, layer.weight.t(), out=out[first:])
+            _activate(x, bound.activation)
+        th.addmm(bound.mu.bias, x, bound.mu.weight.t(), out=buf.mean[first:])
+        th.addmm(bound.log_std.bias, x, bound.log_std.weight.t(), out=buf.log_std_raw[first:])
+        th.clamp(buf.log_std_raw[first:], LOG_STD_MIN, LOG_STD_MAX, out=buf.log_std[first:])
+        th.exp(buf.log_std[first:], out=buf.std[first:])
+        th.addcmul(buf.mean[first:], buf.std[first:], buf.noise[first:], out=buf.gaussian_actions[first:])
+        th.tanh(buf.gaussian_actions[first:], out=buf.actions[first:])
+
+    @staticmethod
+    def _critic_forward(
+        layers: list[_Linear],
+        activation: _Activation,
+        x: th.Tensor,
+        hidden: list[th.Tensor],
+        head_product: th.Tensor,
+        q: th.Tensor,
+    ) -> None:
+        """Every critic's value of the shared input ``x`` (batch, obs + action) into ``q`` (n, batch, 1)."""
+        h = x.expand(layers[0].weight.shape[0], *x.shape)
+        for layer, out in zip(layers[:-1], hidden, strict=True):
+            h = th.baddbmm(layer.bias, h, layer.weight, out=out)
+            _activate(h, activation)
+        # The single-output head as multiply-and-sum, as EnsembleLinear does it: a batched matmul with an output
+        # size of 1 is several times slower on the CPU.
+        head = layers[-1]
+        th.mul(h, head.weight.transpose(1, 2), out=head_product)
+        th.sum(head_product, dim=-1, keepdim=True, out=q).add_(head.bias)
+
+    @staticmethod
+    def _critic_backward(bound: _Bound, buf: _Buffers, x: th.Tensor, weights: bool) -> th.Tensor | None:
+        """Backpropagate ``buf.q_grad`` through the critics that produced ``buf.q`` from ``x``.
+
+        :param weights: write the gradients of the critics' parameters (critic loss), or return the gradient
+            w.r.t. the input's action columns, summed over the critics, without touching them (actor loss)
+        """
+        layers = bound.critic
+        n_critics = layers[0].weight.shape[0]
+        inputs = [x.expand(n_critics, *x.shape), *buf.critic_hidden]
+        head = layers[-1]
+        if weights:
+            # Head: dW = sum_b h_b g_b, again as multiply-and-sum rather than a matmul with an inner size of 1.
+            th.mul(inputs[-1], buf.q_grad, out=buf.head_product)
+            th.sum(buf.head_product, dim=1, out=head.grad_weight.squeeze(-1))
+            th.sum(buf.q_grad, dim=1, keepdim=True, out=head.grad_bias)
+        grad = buf.q_grad
+        for i in range(len(layers) - 1, 0, -1):
+            hidden_grad = buf.critic_hidden_grad[i - 1]
+            if i == len(layers) - 1:
+                th.mul(grad, head.weight.transpose(1, 2), out=hidden_grad)
+            else:
+                th.bmm(grad, layers[i].weight.transpose(1, 2), out=hidden_grad)
+            _activation_backward(hidden_grad, buf.critic_hidden[i - 1], bound.activation, out=hidden_grad)
+            grad = hidden_grad
+            if weights:
+                layer = layers[i - 1]
+                if i == 1:
+                    # The input is shared by all critics: one broadcast matmul instead of a bmm on an expanded copy.
+                    th.matmul(x.t(), grad, out=layer.grad_weight)
+                else:
+                    th.bmm(inputs[i - 1].transpose(1, 2), grad, out=layer.grad_weight)
+                th.sum(grad, dim=1, keepdim=True, out=layer.grad_bias)
+        if weights:
+            return None
+        obs_dim = x.shape[1] - buf.action_grad.shape[1]
+        first = layers[0].weight[:, obs_dim:, :]
+        if len(layers) == 1:  # no hidden layer: the action gradient is the head's weight itself
+            th.mul(grad, first.transpose(1, 2), out=buf.action_grad_members)
+        else:
+            th.bmm(grad, first.transpose(1, 2), out=buf.action_grad_members)
+        return th.sum(buf.action_grad_members, dim=0, out=buf.action_grad)
+
+    def _actor_step(
+        self,
+        bound: _Bound,
+        buf: _Buffers,
+        ent_coef: th.Tensor,
+        log_prob: th.Tensor,
+        reduction: CriticReduction,
+        obs_dim: int,
+        flag: th.Tensor,
+    ) -> th.Tensor:
+        """Actor loss ``mean(alpha log pi - Q(s, a_pi))`` through the just-updated critics, and its Adam step."""
+        batch_size = log_prob.shape[0]
+        buf.actor_critic_in[:, :obs_dim].copy_(buf.actor_in[:batch_size])
+        buf.actor_critic_in[:, obs_dim:].copy_(buf.actions[:batch_size])
+        self._critic_forward(
+            bound.critic, bound.activation, buf.actor_critic_in, buf.critic_hidden, buf.head_product, buf.q
+        )
+        # d loss / d Q_i(s_b, a_b) is -1/batch on the critic the reduction picks (min: the argmin, as autograd's
+        # min backward routes it) or -1/(batch n) on each of them (mean).
+        q_pi = reduce_critics(buf.q, reduction)
+        if reduction == "min":
+            # argmin picks the first of equal minima, as the indices of min(dim) that autograd routes through.
+            buf.q_grad.zero_().scatter_(0, th.argmin(buf.q, dim=0, keepdim=True), -1.0 / batch_size)
+        else:
+            buf.q_grad.fill_(-1.0 / (batch_size * buf.q.shape[0]))
+        loss_pi = actor_loss(q_pi, log_prob, ent_coef)
+        action_grad = self._critic_backward(bound, buf, buf.actor_critic_in, weights=False)
+        assert action_grad is not None
+
+        # Through a = tanh(u): da/du = 1 - a^2. log pi depends on u through -log(1 - tanh(u)^2), whose derivative
+        # is 2 tanh(u) = 2a, and on log_std directly (-1 per dimension); u = mean + std * noise.
+        log_prob_grad = ent_coef / batch_size
+        actions = buf.actions[:batch_size]
+        gaussian_grad = buf.gaussian_grad
+        th.mul(actions, actions, out=gaussian_grad).neg_().add_(1.0).mul_(action_grad)
+        gaussian_grad.addcmul_(actions, log_prob_grad * 2.0)
+        log_std_grad = buf.log_std_grad
+        th.mul(gaussian_grad, buf.noise[:batch_size], out=log_std_grad).mul_(buf.std[:batch_size])
+        log_std_grad.sub_(log_prob_grad)
+        # clamp passes the gradient where LOG_STD_MIN <= raw <= LOG_STD_MAX (bounds included) and stops it elsewhere.
+        raw = buf.log_std_raw[:batch_size]
+        th.logical_and(raw >= LOG_STD_MIN, raw <= LOG_STD_MAX, out=buf.clamp_mask)
+        log_std_grad.mul_(buf.clamp_mask)
+
+        hidden = [h[:batch_size] for h in buf.actor_hidden]
+        latent = hidden[-1] if hidden else buf.actor_in[:batch_size]
+        th.mm(gaussian_grad.t(), latent, out=bound.mu.grad_weight)
+        th.sum(gaussian_grad, dim=0, out=bound.mu.grad_bias)
+        th.mm(log_std_grad.t(), latent, out=bound.log_std.grad_weight)
+        th.sum(log_std_grad, dim=0, out=bound.log_std.grad_bias)
+        if hidden:
+            grad = buf.actor_hidden_grad[-1]
+            th.mm(gaussian_grad, bound.mu.weight, out=grad)
+            grad.addmm_(log_std_grad, bound.log_std.weight)
+            inputs = [buf.actor_in[:batch_size], *hidden[:-1]]
+            for i in range(len(bound.actor_hidden) - 1, -1, -1):
+                layer = bound.actor_hidden[i]
+                _activation_backward(grad, hidden[i], bound.activation, out=grad)
+                th.mm(grad.t(), inputs[i], out=layer.grad_weight)
+                th.sum(grad, dim=0, out=layer.grad_bias)
+                if i > 0:
+                    th.mm(grad, layer.weight, out=buf.actor_hidden_grad[i - 1])
+                    grad = buf.actor_hidden_grad[i - 1]
+        bound.actor_optimizer(loss_pi, flag)
+        return loss_pi

@@ -1,0 +1,452 @@
+"""The autograd-free update engine against the autograd update, and which models take which path.
+
+The equivalence tests run both paths in float64 from the same parameters, minibatches and noise, and compare
+the gradients themselves (each parameter's ``.grad`` after the last step), the parameters after Adam, the
+optimizers' states and the logged statistics. In float64 the two paths differ only by the rounding of
+differently ordered sums (~1e-15 relative), so the 1e-6 tolerance leaves room for nothing but a wrong formula.
+"""
+
+import copy
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import stable_baselines3.common.policies as sb3_policies
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.torch_layers import FlattenExtractor
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from torch import nn
+
+import sb3_softac.engine
+import sb3_softac.losses
+from sb3_softac import SAC
+from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN
+from sb3_softac.policies import SACPolicy
+
+BATCH = 32
+OBS_DIM = 5
+
+
+class BoxEnv(gym.Env):
+    """Random observations of size ``OBS_DIM`` and actions of size ``action_dim`` in [-2, 2]."""
+
+    def __init__(self, action_dim: int = 3) -> None:
+        super().__init__()
+        self.observation_space = spaces.Box(-1.0, 1.0, (OBS_DIM,), np.float32)
+        self.action_space = spaces.Box(-2.0, 2.0, (action_dim,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return self.observation_space.sample(), -float(np.square(action).sum()), False, False, {}
+
+
+def _batches(action_dim: int, n_rows: int, seed: int = 1) -> ReplayBufferSamples:
+    generator = th.Generator().manual_seed(seed)
+
+    def uniform(*shape: int) -> th.Tensor:
+        return th.rand(*shape, generator=generator, dtype=th.float64) * 2 - 1
+
+    return ReplayBufferSamples(
+        observations=uniform(n_rows, OBS_DIM),
+        # Some replayed actions at the bounds, as the buffer holds them after clipping.
+        actions=uniform(n_rows, action_dim).mul(1.2).clamp(-1, 1),
+        next_observations=uniform(n_rows, OBS_DIM),
+        dones=(th.rand(n_rows, 1, generator=generator, dtype=th.float64) < 0.2).double(),
+        rewards=th.randn(n_rows, 1, generator=generator, dtype=th.float64),
+    )
+
+
+class _Sampler:
+    """Hands out consecutive rows of a fixed pool, however many minibatches are asked for at once."""
+
+    def __init__(self, pool: ReplayBufferSamples) -> None:
+        self.pool = pool
+        self.cursor = 0
+
+    def __call__(self, batch_size: int, env: object = None) -> ReplayBufferSamples:
+        rows = slice(self.cursor, self.cursor + batch_size)
+        self.cursor += batch_size
+        return ReplayBufferSamples(*(None if x is None else x[rows] for x in self.pool))
+
+
+def _model(action_dim: int, update_engine: str, **kwargs) -> SAC:
+    kwargs.setdefault("policy_kwargs", {})
+    kwargs["policy_kwargs"] = dict(dict(net_arch=[16, 16]), **kwargs["policy_kwargs"])
+    return SAC("MlpPolicy", BoxEnv(action_dim), learning_starts=0, seed=0, update_engine=update_engine, **kwargs)
+
+
+def _float64(model: SAC) -> SAC:
+    model.policy.double()
+    if model.log_ent_coef is not None:
+        model.log_ent_coef.data = model.log_ent_coef.data.double()
+    return model
+
+
+def _pair(monkeypatch: pytest.MonkeyPatch, action_dim: int, **kwargs) -> tuple[SAC, SAC]:
+    """The same model twice, in float64: one updated by the engine, one by autograd."""
+    # The flatten extractor casts observations to float32; keep them float64 so both paths run in float64.
+    monkeypatch.setattr(sb3_policies, "preprocess_obs", lambda obs, space, normalize_images=True: obs)
+    engine = _float64(_model(action_dim, "auto", **kwargs))
+    reference = _float64(_model(action_dim, "autograd", **kwargs))
+    reference.policy.load_state_dict(engine.policy.state_dict())
+    assert engine.update_path == "engine" and reference.update_path == "autograd"
+    return engine, reference
+
+
+def _train(model: SAC, pool: ReplayBufferSamples, gradient_steps: int) -> dict[str, float]:
+    model.replay_buffer.sample = _Sampler(pool)  # type: ignore[method-assign]
+    model.set_logger(configure(None, []))
+    th.manual_seed(1234)
+    model.train(gradient_steps=gradient_steps, batch_size=BATCH)
+    return dict(model.logger.name_to_value)
+
+
+def _assert_relative(actual: th.Tensor, expected: th.Tensor, name: str, rel: float = 1e-6) -> None:
+    """``max|actual - expected| <= rel * max|expected|``: relative to the tensor's scale, not elementwise."""
+    scale = float(expected.detach().abs().max())
+    error = float((actual.detach() - expected.detach()).abs().max())
+    assert error <= rel * max(scale, 1e-12), f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+def _assert_same_update(engine: SAC, reference: SAC) -> None:
+    expected = dict(reference.policy.named_parameters())
+    for name, parameter in engine.policy.named_parameters():
+        _assert_relative(parameter, expected[name], name)
+        if name.startswith("critic_target"):
+            continue
+        assert parameter.grad is not None and expected[name].grad is not None, name
+        _assert_relative(parameter.grad, expected[name].grad, f"{name}.grad")
+    if reference.log_ent_coef is not None:
+        assert engine.log_ent_coef is not None and engine.log_ent_coef.grad is not None
+        _assert_relative(engine.log_ent_coef, reference.log_ent_coef, "log_ent_coef")
+        _assert_relative(engine.log_ent_coef.grad, reference.log_ent_coef.grad, "log_ent_coef.grad")
+    for ours, theirs in (
+        (engine.actor.optimizer, reference.actor.optimizer),
+        (engine.critic.optimizer, reference.critic.optimizer),
+    ):
+        for state, expected_state in zip(
+            ours.state_dict()["state"].values(), theirs.state_dict()["state"].values(), strict=True
+        ):
+            assert float(state["step"]) == float(expected_state["step"])
+            _assert_relative(state["exp_avg"], expected_state["exp_avg"], "exp_avg")
+            _assert_relative(state["exp_avg_sq"], expected_state["exp_avg_sq"], "exp_avg_sq")
+
+
+CONFIGURATIONS = {
+    "1-critic": dict(policy_kwargs=dict(n_critics=1)),
+    "2-critics": dict(),
+    "3-critics": dict(policy_kwargs=dict(n_critics=3)),
+    "10-critics": dict(policy_kwargs=dict(n_critics=10)),
+    "redq-subset": dict(policy_kwargs=dict(n_critics=10), critic_subset_size=2),
+    "fixed-alpha": dict(ent_coef=0.1),
+    "auto-alpha-init": dict(ent_coef="auto_0.2", target_entropy=-1.5),
+    "tanh": dict(policy_kwargs=dict(activation_fn=nn.Tanh)),
+    "deep-wide": dict(policy_kwargs=dict(net_arch=dict(pi=[8, 24, 12], qf=[20, 10, 6]))),
+    "no-hidden-layers": dict(policy_kwargs=dict(net_arch=[])),
+    "qf-lr-and-target-interval": dict(qf_learning_rate=1e-3, target_update_interval=2, tau=0.1),
+    "adamw": dict(policy_kwargs=dict(optimizer_class=th.optim.AdamW, optimizer_kwargs=dict(weight_decay=0.1))),
+}
+
+
+@pytest.mark.parametrize("action_dim", [1, 6])
+@pytest.mark.parametrize("config", CONFIGURATIONS.values(), ids=CONFIGURATIONS.keys())
+def test_one_update_matches_autograd(monkeypatch: pytest.MonkeyPatch, config: dict, action_dim: int) -> None:
+    engine, reference = _pair(monkeypatch, action_dim, **config)
+    pool = _batches(action_dim, BATCH)
+    logged, expected = _train(engine, pool, 1), _train(reference, pool, 1)
+    _assert_same_update(engine, reference)
+    assert logged.keys() == expected.keys()
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(policy_delay=2),
+        dict(policy_delay=3, policy_kwargs=dict(n_critics=10), critic_subset_size=3, ent_coef=0.05),
+        dict(target_update_interval=3, tau=0.5, qf_learning_rate=1e-2, learning_rate=1e-2),
+        dict(policy_kwargs=dict(optimizer_class=th.optim.AdamW, optimizer_kwargs=dict(weight_decay=0.1, amsgrad=True))),
+        dict(policy_kwargs=dict(optimizer_kwargs=dict(fused=False, betas=(0.5, 0.9), maximize=False))),
+    ],
+    ids=["policy-delay-2", "redq-delay-3-fixed-alpha", "target-interval-3", "adamw-amsgrad", "unfused-adam"],
+)
+def test_several_updates_in_one_call_match_autograd(monkeypatch: pytest.MonkeyPatch, config: dict) -> None:
+    """``gradient_steps`` > 1: the engine draws every minibatch at once, autograd one by one; same rows here."""
+    engine, reference = _pair(monkeypatch, 2, **config)
+    gradient_steps = 5
+    pool = _batches(2, BATCH * gradient_steps)
+    logged, expected = _train(engine, pool, gradient_steps), _train(reference, pool, gradient_steps)
+    _assert_same_update(engine, reference)
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+def test_n_step_discounts_match_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With n-step returns the replay buffer gives each transition its own discount gamma^k."""
+    engine, reference = _pair(monkeypatch, 2)
+    pool = _batches(2, 3 * BATCH)
+    generator = th.Generator().manual_seed(2)
+    pool = pool._replace(discounts=0.99 ** th.randint(1, 4, (3 * BATCH, 1), generator=generator).double())
+    logged, expected = _train(engine, pool, 3), _train(reference, pool, 3)
+    _assert_same_update(engine, reference)
+    assert logged["train/critic_loss"] == pytest.approx(expected["train/critic_loss"], rel=1e-6)
+    # The discounts matter: the same minibatches with gamma everywhere give another update.
+    plain, _ = _pair(monkeypatch, 2)
+    _train(plain, pool._replace(discounts=None), 3)
+    assert not th.allclose(
+        plain.critic.q_networks.layers[0].weight, engine.critic.q_networks.layers[0].weight, rtol=0, atol=1e-9
+    )
+
+
+def test_redq_target_evaluates_only_the_drawn_critics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Critic i (online and target, which do not learn) outputs the constant i: each target's minimum is taken
+    over exactly the pair drawn for it."""
+    model = _model(
+        2, "auto", policy_kwargs=dict(n_critics=10), critic_subset_size=2, actor_q_reduction="mean", qf_learning_rate=0
+    )
+    for critic in (model.critic, model.critic_target):
+        head = critic.q_networks.layers[-1]
+        with th.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(th.arange(10.0).reshape(10, 1, 1))
+    drawn: list[th.Tensor] = []
+    reduced: list[th.Tensor] = []
+
+    def draw(*args, **kwargs):  # type: ignore[no-untyped-def]
+        drawn.append(sb3_softac.losses.draw_critic_subset(*args, **kwargs))
+        return drawn[-1]
+
+    def minimum(q_values: th.Tensor, subset_size: int | None = None) -> th.Tensor:
+        reduced.append(q_values.clone())
+        return sb3_softac.losses.min_over_critics(q_values, subset_size)
+
+    monkeypatch.setattr(sb3_softac.engine, "draw_critic_subset", draw)
+    monkeypatch.setattr(sb3_softac.engine, "min_over_critics", minimum)
+    pool = ReplayBufferSamples(*(None if x is None else x.float() for x in _batches(2, 20 * BATCH)))
+    _train(model, pool, 20)
+    assert len(drawn) == len(reduced) == 20
+    assert len({tuple(subset.tolist()) for subset in drawn}) > 1  # a new pair at each step
+    for subset, q_values in zip(drawn, reduced, strict=True):
+        assert q_values.shape == (2, BATCH, 1)
+        th.testing.assert_close(q_values, subset.float().reshape(2, 1, 1).expand(2, BATCH, 1))
+
+
+def test_log_std_clamp_stops_the_gradient_outside_its_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log stds beyond, inside and exactly on [LOG_STD_MIN, LOG_STD_MAX]: the clamp's gradient must match autograd's.
+
+    With the head's weights at zero every sample has the same raw log std per dimension: below the minimum,
+    above the maximum, inside, exactly at the maximum and exactly at the minimum (where clamp passes the gradient).
+    """
+    engine, reference = _pair(monkeypatch, 6)
+    raw = th.tensor([-25.0, 3.0, 0.0, LOG_STD_MAX, LOG_STD_MIN, 1.0], dtype=th.float64)
+    for model in (engine, reference):
+        with th.no_grad():
+            model.actor.log_std.weight.zero_()
+            model.actor.log_std.bias.copy_(raw)
+    pool = _batches(6, BATCH)
+    _train(engine, pool, 1)
+    _train(reference, pool, 1)
+    _assert_same_update(engine, reference)
+    gradient = engine.actor.log_std.bias.grad
+    assert gradient is not None
+    assert float(gradient[0]) == 0.0 and float(gradient[1]) == 0.0  # clamped for every sample: no gradient
+    assert float(gradient[3]) != 0.0 and float(gradient[4]) != 0.0  # on the bounds: the gradient passes
+
+
+def test_pendulum_200_steps_stay_with_autograd() -> None:
+    """Two learn() runs from one seed in float32, 200 gradient steps: the paths must not drift apart."""
+
+    def run(update_engine: str) -> SAC:
+        model = SAC(
+            "MlpPolicy",
+            "Pendulum-v1",
+            learning_starts=100,
+            batch_size=64,
+            policy_kwargs=dict(net_arch=[64, 64]),
+            seed=0,
+            update_engine=update_engine,
+        )
+        model.learn(300)
+        return model
+
+    engine, reference = run("auto"), run("autograd")
+    assert engine.update_path == "engine" and reference.update_path == "autograd"
+    assert engine._n_updates == reference._n_updates == 200
+    expected = reference.policy.state_dict()
+    for name, value in engine.policy.state_dict().items():
+        th.testing.assert_close(value, expected[name], atol=1e-4, rtol=0.0, msg=lambda m, k=name: f"{k}: {m}")
+    th.testing.assert_close(engine.log_ent_coef, reference.log_ent_coef, atol=1e-4, rtol=0.0)
+
+
+def test_engine_reads_live_parameters_and_learning_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-place edits, set_parameters and a new lr_schedule between calls reach the engine's next update."""
+    engine, reference = _pair(monkeypatch, 2)
+    pool = _batches(2, 4 * BATCH)
+    _train(engine, pool, 1)
+    _train(reference, pool, 1)
+    # set_parameters copies into the existing tensors; an in-place edit changes them directly.
+    parameters = reference.get_parameters()
+    parameters["policy"]["actor.mu.weight"] = parameters["policy"]["actor.mu.weight"] * 0.5
+    for model in (engine, reference):
+        # A copy each: loading an optimizer state dict keeps its tensors, which two models must not share.
+        model.set_parameters(copy.deepcopy(parameters), exact_match=False)
+        with th.no_grad():
+            model.critic.q_networks.layers[0].weight[0].mul_(-1.0)
+        model.lr_schedule = lambda _: 1e-2
+    _train(engine, pool, 1)
+    _train(reference, pool, 1)
+    assert engine.actor.optimizer.param_groups[0]["lr"] == 1e-2
+    _assert_same_update(engine, reference)
+
+
+def test_gradients_reset_to_none_are_recreated(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, reference = _pair(monkeypatch, 2)
+    pool = _batches(2, 2 * BATCH)
+    _train(engine, pool, 1)
+    _train(reference, pool, 1)
+    engine.actor.optimizer.zero_grad(set_to_none=True)
+    engine.critic.optimizer.zero_grad(set_to_none=True)
+    _train(engine, pool, 1)
+    _train(reference, pool, 1)
+    _assert_same_update(engine, reference)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which path runs
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DictBoxEnv(BoxEnv):
+    def __init__(self) -> None:
+        super().__init__()
+        self.observation_space = spaces.Dict({"x": spaces.Box(-1.0, 1.0, (OBS_DIM,), np.float32)})
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+class ImageEnv(BoxEnv):
+    def __init__(self) -> None:
+        super().__init__()
+        self.observation_space = spaces.Box(0, 255, (36, 36, 1), np.uint8)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+class DiscreteEnv(BoxEnv):
+    def __init__(self) -> None:
+        super().__init__()
+        self.action_space = spaces.Discrete(3)
+
+
+class OwnExtractor(FlattenExtractor):
+    pass
+
+
+class OwnPolicy(SACPolicy):
+    pass
+
+
+class OwnGradientStep(SAC):
+    def _gradient_step(self, replay_data: ReplayBufferSamples, update_actor: bool) -> th.Tensor:
+        return super()._gradient_step(replay_data, update_actor)
+
+
+FALLBACKS = {
+    "discrete": (SAC, "MlpPolicy", DiscreteEnv, dict(), "Box"),
+    "dict-observations": (SAC, "MultiInputPolicy", DictBoxEnv, dict(), "policy class"),
+    "images": (SAC, "CnnPolicy", ImageEnv, dict(buffer_size=100), "policy class"),
+    "images-mlp": (SAC, "MlpPolicy", ImageEnv, dict(buffer_size=100), "image"),
+    "gsde": (SAC, "MlpPolicy", BoxEnv, dict(use_sde=True), "gSDE"),
+    "dropout": (SAC, "MlpPolicy", BoxEnv, dict(policy_kwargs=dict(dropout_rate=0.01)), "dropout"),
+    "layer-norm": (SAC, "MlpPolicy", BoxEnv, dict(policy_kwargs=dict(layer_norm=True)), "layer norm"),
+    "elu": (SAC, "MlpPolicy", BoxEnv, dict(policy_kwargs=dict(activation_fn=nn.ELU)), "ELU"),
+    "shared-extractor": (SAC, "MlpPolicy", BoxEnv, dict(policy_kwargs=dict(share_features_extractor=True)), "shared"),
+    "own-extractor": (
+        SAC,
+        "MlpPolicy",
+        BoxEnv,
+        dict(policy_kwargs=dict(features_extractor_class=OwnExtractor)),
+        "OwnExtractor",
+    ),
+    "own-policy": (SAC, OwnPolicy, BoxEnv, dict(), "OwnPolicy"),
+    "own-gradient-step": (OwnGradientStep, "MlpPolicy", BoxEnv, dict(), "_gradient_step"),
+    "sgd": (SAC, "MlpPolicy", BoxEnv, dict(policy_kwargs=dict(optimizer_class=th.optim.SGD)), "SGD"),
+}
+
+
+@pytest.mark.parametrize("case", FALLBACKS.values(), ids=FALLBACKS.keys())
+def test_uncovered_configurations_fall_back_to_autograd(case: tuple, capsys: pytest.CaptureFixture[str]) -> None:
+    algorithm, policy, env_class, kwargs, reason = case
+    model = algorithm(policy, env_class(), learning_starts=0, batch_size=8, verbose=1, seed=0, **kwargs)
+    assert model.update_path == "autograd"
+    line = next(line for line in capsys.readouterr().out.splitlines() if "update path" in line)
+    assert "autograd" in line and reason in line, line
+    model.learn(10)  # and it trains
+    assert model._n_updates > 0 and model.update_path == "autograd"
+
+
+def test_update_path_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    model = SAC("MlpPolicy", BoxEnv(), verbose=1, seed=0)
+    assert model.update_path == "engine"
+    assert "SAC update path: engine" in capsys.readouterr().out
+    SAC("MlpPolicy", BoxEnv(), verbose=0, seed=0)
+    assert "update path" not in capsys.readouterr().out
+
+
+def test_switch_forces_autograd_and_is_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    model = SAC("MlpPolicy", BoxEnv(), update_engine="autograd", verbose=1, seed=0)
+    assert model.update_path == "autograd"
+    assert "SAC update path: autograd (update_engine='autograd')" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="update_engine='fast' is not one of"):
+        SAC("MlpPolicy", BoxEnv(), update_engine="fast")
+
+
+def test_a_model_changed_after_construction_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = SAC("MlpPolicy", BoxEnv(), learning_starts=0, batch_size=8, seed=0)
+    model.critic.optimizer = th.optim.SGD(model.critic.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="critic optimizer SGD is not Adam"):
+        model.learn(5)
+    assert model.update_path == "autograd" and model._n_updates == 5
+
+
+def test_save_load_keeps_the_switch_and_old_saves_default_to_auto(tmp_path) -> None:
+    forced = SAC("MlpPolicy", BoxEnv(), update_engine="autograd", seed=0)
+    forced.save(tmp_path / "forced")
+    assert SAC.load(tmp_path / "forced").update_path == "autograd"
+    old = SAC("MlpPolicy", BoxEnv(), seed=0)
+    del old.update_engine  # a model saved before the switch existed
+    old.save(tmp_path / "old")
+    loaded = SAC.load(tmp_path / "old", env=BoxEnv())
+    assert loaded.update_engine == "auto" and loaded.update_path == "engine"
+    loaded.learn(150)
+    assert loaded._n_updates > 0
+
+
+def test_hooks_send_the_update_to_autograd_until_removed(capsys: pytest.CaptureFixture[str]) -> None:
+    """The engine runs no module and no autograd: while a hook is registered, autograd updates the model."""
+    model = SAC("MlpPolicy", BoxEnv(), learning_starts=0, batch_size=8, seed=0, verbose=1)
+    calls = []
+    handle = model.critic.q_networks.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.warns(UserWarning, match="autograd from now on \\(a EnsembleMLP module has hooks\\)"):
+        model.learn(5)
+    assert model.update_path == "autograd" and len(calls) > 0
+    handle.remove()
+    model.learn(5, reset_num_timesteps=False)
+    assert model.update_path == "engine"
+    assert "SAC update path: engine from now on" in capsys.readouterr().out

@@ -27,7 +27,7 @@ done
 "${ZOO[@]}" all_plots -a softac -e Pendulum-v1 -f "$LOGS" -o "$LOGS/results" --no-display
 "${ZOO[@]}" plot_from_file -i "$LOGS/results.pkl" -o "$LOGS/learning_curves.svg"
 echo "Learning curves written to $LOGS/learning_curves.svg"
-# A video of the latest run (needs: pip install "gymnasium[classic-control]" moviepy):
+# A video of the latest run (needs: pip install pygame moviepy):
 #   sb3-softac-zoo record_video --algo softac --env Pendulum-v1 -f logs/zoo_example -n 400
 # Training-episode rewards (interactive window; needs a display):
 #   sb3-softac-zoo plot_train -a softac -e Pendulum-v1 -f logs/zoo_example

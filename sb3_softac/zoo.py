@@ -73,6 +73,8 @@ _REPLAY_SCRIPTS = ("enjoy", "record_video", "push_to_hub")
 _PLOT_SCRIPTS = ("plot_train", "plot_from_file", "all_plots")
 # Methods of rl_zoo3's ParallelTrainCallback that name SB3's SAC (the global ``SAC`` of rl_zoo3.callbacks).
 _PARALLEL_TRAIN_METHODS = ("_init_callback", "_on_rollout_end")
+# Attribute that marks a method already wrapped by _dispatcher.
+_DISPATCH_MARK = "_softac_dispatch"
 
 _PROG = "sb3-softac-zoo"
 # This module's import name (``__name__`` is "__main__" under ``python -m``).
@@ -100,34 +102,37 @@ def _softac_variant(method: Callable[..., Any]) -> Callable[..., Any]:
     return types.FunctionType(method.__code__, softac_globals, method.__name__, method.__defaults__, method.__closure__)
 
 
+def _dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
+    """
+    Wrap one of ParallelTrainCallback's methods: our models run :func:`_softac_variant`, any other model the original.
+
+    :param original: the method as rl_zoo3 defines it
+    :return: the method to put in its place (marked, so that it is not wrapped twice)
+    """
+    softac_method = _softac_variant(original)
+
+    @functools.wraps(original)
+    def dispatch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        chosen = softac_method if isinstance(self.model, SAC) else original
+        return chosen(self, *args, **kwargs)
+
+    setattr(dispatch, _DISPATCH_MARK, True)
+    return dispatch
+
+
 def _accept_softac_in_parallel_training() -> None:
     """
     Let ``rl_zoo3.callbacks.ParallelTrainCallback`` run with :class:`sb3_softac.SAC` (idempotent).
 
     The callback checks the model against SB3's ``SAC`` and ``TQC`` and reloads it with the class it matched; for our
-    SAC that check fails. Each method that names ``SAC`` is replaced by a dispatcher: a model of ours runs a copy of
-    the method that reads ``SAC`` as ours (:func:`_softac_variant`), any other model runs the original unchanged.
+    SAC that check fails. Each method that names ``SAC`` (:data:`_PARALLEL_TRAIN_METHODS`) is replaced by a dispatcher
+    (:func:`_dispatcher`); rl_zoo3's module and the methods' code are left as they are.
     """
     parallel = callbacks.ParallelTrainCallback
     for name in _PARALLEL_TRAIN_METHODS:
-        original = parallel.__dict__[name]
-        if getattr(original, "_softac_dispatch", False):
-            continue
-        softac_method = _softac_variant(original)
-
-        @functools.wraps(original)
-        def dispatch(
-            self: Any,
-            *args: Any,
-            _original: Callable[..., Any] = original,
-            _softac_method: Callable[..., Any] = softac_method,
-            **kwargs: Any,
-        ) -> Any:
-            chosen = _softac_method if isinstance(self.model, SAC) else _original
-            return chosen(self, *args, **kwargs)
-
-        setattr(dispatch, "_softac_dispatch", True)  # noqa: B010 (mypy: functions have no such attribute)
-        setattr(parallel, name, dispatch)
+        method = parallel.__dict__[name]
+        if not getattr(method, _DISPATCH_MARK, False):
+            setattr(parallel, name, _dispatcher(method))
 
 
 def register() -> None:

@@ -42,13 +42,12 @@ from rl_zoo3 import train as zoo_train
 from rl_zoo3.exp_manager import ExperimentManager
 
 from sb3_softac import SAC, zoo_tuning
+from sb3_softac.hyperparams import HYPERPARAMS_DIR
 
 #: Name under which :class:`sb3_softac.SAC` is known to the zoo (``--algo softac``).
 ALGO_NAME = "softac"
 #: The zoo algorithm whose Optuna search space is reused for ``softac``.
 SEARCH_SPACE_OF = "sac"
-#: Folder of the hyperparameter files shipped with the package (``softac.yml``, ``softac_droq.yml``, ...).
-HYPERPARAMS_DIR = Path(__file__).parent / "hyperparams"
 #: File name of the packaged hyperparameters read by ``train --algo softac``.
 HYPERPARAMS_FILE_NAME = f"{ALGO_NAME}.yml"
 

@@ -47,6 +47,7 @@ from torch import nn
 
 import sb3_softac
 from sb3_softac import SAC, zoo, zoo_tuning
+from sb3_softac.hyperparams import HYPERPARAMS_DIR
 from sb3_softac.networks import EnsembleLayerNorm
 from sb3_softac.policies import CategoricalActor
 
@@ -87,7 +88,7 @@ def packaged(name: str) -> dict[str, Any]:
     :param name: file name in ``sb3_softac/hyperparams/``
     :return: its content
     """
-    return yaml.safe_load((zoo.HYPERPARAMS_DIR / name).read_text())
+    return yaml.safe_load((HYPERPARAMS_DIR / name).read_text())
 
 
 def typed(settings: dict[str, Any]) -> dict[str, tuple[Any, type]]:
@@ -244,11 +245,11 @@ def test_parallel_train_callback_from_python(algo: type[Any], tmp_path: Path) ->
 
 
 def test_one_real_copy_of_the_packaged_files() -> None:
-    assert zoo.default_hyperparams_path() == zoo.HYPERPARAMS_DIR / "softac.yml"
-    assert Path(sb3_softac.__file__).parent / "hyperparams" == zoo.HYPERPARAMS_DIR
-    assert not zoo.HYPERPARAMS_DIR.is_symlink()
+    assert zoo.default_hyperparams_path() == HYPERPARAMS_DIR / "softac.yml"
+    assert Path(sb3_softac.__file__).parent / "hyperparams" == HYPERPARAMS_DIR
+    assert not HYPERPARAMS_DIR.is_symlink()
     for name in PACKAGED_FILES:
-        path = zoo.HYPERPARAMS_DIR / name
+        path = HYPERPARAMS_DIR / name
         assert path.is_file() and not path.is_symlink(), path
     top_level = REPO_ROOT / "hyperparams"
     if top_level.exists():  # running from a checkout: the top-level folder only points to the package
@@ -261,7 +262,7 @@ def test_built_wheel_carries_the_packaged_files(tmp_path: Path) -> None:
     """A non-editable wheel built from this checkout holds the same bytes under ``sb3_softac/hyperparams/``."""
     if not (REPO_ROOT / "pyproject.toml").is_file():
         pytest.skip("not running from a source checkout")
-    pytest.importorskip("setuptools")
+    pytest.importorskip("setuptools", reason="the wheel is built without network, with the installed setuptools")
     source = tmp_path / "source"
     # Build from a copy: the build writes build/ and *.egg-info next to the sources.
     shutil.copytree(
@@ -281,7 +282,7 @@ def test_built_wheel_carries_the_packaged_files(tmp_path: Path) -> None:
         names = set(archive.namelist())
         assert {f"sb3_softac/hyperparams/{name}" for name in PACKAGED_FILES} <= names
         for name in PACKAGED_FILES:
-            assert archive.read(f"sb3_softac/hyperparams/{name}") == (zoo.HYPERPARAMS_DIR / name).read_bytes()
+            assert archive.read(f"sb3_softac/hyperparams/{name}") == (HYPERPARAMS_DIR / name).read_bytes()
     assert not any(name.startswith("hyperparams/") for name in names)
 
 
@@ -393,7 +394,7 @@ def test_default_conf_file(
     if expected_conf == "DEFAULT":
         expected = str(zoo.default_hyperparams_path())
     elif expected_conf.startswith("PACKAGED "):
-        expected = str(zoo.HYPERPARAMS_DIR / expected_conf.split()[1])
+        expected = str(HYPERPARAMS_DIR / expected_conf.split()[1])
     elif expected_conf.startswith("ZOO "):
         expected = str(ZOO_HYPERPARAMS / expected_conf.split()[1])
     else:

@@ -438,6 +438,8 @@ class SAC(OffPolicyAlgorithm):
         All the call's minibatches are drawn at once, as SBX does (with one environment the replay buffer then
         draws the same indices as ``gradient_steps`` separate draws).
         """
+        if gradient_steps == 0:
+            return
         samples = self.replay_buffer.sample(batch_size * gradient_steps, env=self._vec_normalize_env)  # type: ignore[union-attr]
         for step in range(gradient_steps):
             n_update = self._n_updates + step

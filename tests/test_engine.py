@@ -142,7 +142,9 @@ CONFIGURATIONS = {
     "2-critics": dict(),
     "3-critics": dict(policy_kwargs=dict(n_critics=3)),
     "10-critics": dict(policy_kwargs=dict(n_critics=10)),
-    "redq-subset": dict(policy_kwargs=dict(n_critics=10), critic_subset_size=2),
+    "redq-subset": dict(policy_kwargs=dict(n_critics=10), critic_subset_size=2, actor_q_reduction="mean"),
+    "subset-min-actor": dict(policy_kwargs=dict(n_critics=4), critic_subset_size=3),
+    "mean-actor": dict(policy_kwargs=dict(n_critics=3), actor_q_reduction="mean"),
     "fixed-alpha": dict(ent_coef=0.1),
     "auto-alpha-init": dict(ent_coef="auto_0.2", target_entropy=-1.5),
     "tanh": dict(policy_kwargs=dict(activation_fn=nn.Tanh)),
@@ -169,7 +171,13 @@ def test_one_update_matches_autograd(monkeypatch: pytest.MonkeyPatch, config: di
     "config",
     [
         dict(policy_delay=2),
-        dict(policy_delay=3, policy_kwargs=dict(n_critics=10), critic_subset_size=3, ent_coef=0.05),
+        dict(
+            policy_delay=3,
+            policy_kwargs=dict(n_critics=10),
+            critic_subset_size=3,
+            actor_q_reduction="mean",
+            ent_coef=0.05,
+        ),
         dict(target_update_interval=3, tau=0.5, qf_learning_rate=1e-2, learning_rate=1e-2),
         dict(policy_kwargs=dict(optimizer_class=th.optim.AdamW, optimizer_kwargs=dict(weight_decay=0.1, amsgrad=True))),
         dict(policy_kwargs=dict(optimizer_kwargs=dict(fused=False, betas=(0.5, 0.9), maximize=False))),
@@ -441,6 +449,16 @@ def test_save_load_keeps_the_switch_and_old_saves_default_to_auto(tmp_path) -> N
 def test_hooks_send_the_update_to_autograd_until_removed(capsys: pytest.CaptureFixture[str]) -> None:
     """The engine runs no module and no autograd: while a hook is registered, autograd updates the model."""
     model = SAC("MlpPolicy", BoxEnv(), learning_starts=0, batch_size=8, seed=0, verbose=1)
+    model.learn(5)
+    assert model.update_path == "engine"
+    # The engine runs under inference mode: what it leaves behind must stay usable by autograd and the optimizers.
+    for optimizer in (model.actor.optimizer, model.critic.optimizer, model.ent_coef_optimizer):
+        assert optimizer is not None
+        for state in optimizer.state.values():
+            assert state and not any(value.is_inference() for value in state.values())
+    assert not any(
+        p.is_inference() or (p.grad is not None and p.grad.is_inference()) for p in model.policy.parameters()
+    )
     calls = []
     handle = model.critic.q_networks.register_forward_hook(lambda *args: calls.append(1))
     with pytest.warns(UserWarning, match="autograd from now on \\(a EnsembleMLP module has hooks\\)"):

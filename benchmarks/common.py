@@ -138,9 +138,10 @@ def zoo_hyperparams(env_id: str, file_name: str = "softac.yml") -> dict[str, Any
     """
     import yaml
 
-    from sb3_softac import SAC, zoo
+    from sb3_softac import SAC
+    from sb3_softac.hyperparams import HYPERPARAMS_DIR
 
-    path = zoo.default_hyperparams_path().parent / file_name
+    path = HYPERPARAMS_DIR / file_name
     entries = yaml.safe_load(path.read_text(encoding="utf-8"))
     key = env_id if env_id in entries else "default"
     if key not in entries:

@@ -13,7 +13,7 @@ STEPS=${STEPS:-4000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export MPLBACKEND=${MPLBACKEND:-Agg}  # write figures to files instead of opening windows
 
-# Two seeds, hyperparameters from the packaged hyperparams/softac.yml (add "-conf my.yml" to use your own),
+# Two seeds, hyperparameters from the packaged softac.yml (sb3_softac/hyperparams/; add "-conf my.yml" to use your own),
 # evaluated every 1000 steps so that the plot scripts have learning curves to work with.
 for seed in 1 2; do
   "${ZOO[@]}" train --algo softac --env Pendulum-v1 -n "$STEPS" --seed "$seed" \
@@ -27,5 +27,7 @@ done
 "${ZOO[@]}" all_plots -a softac -e Pendulum-v1 -f "$LOGS" -o "$LOGS/results" --no-display
 "${ZOO[@]}" plot_from_file -i "$LOGS/results.pkl" -o "$LOGS/learning_curves.svg"
 echo "Learning curves written to $LOGS/learning_curves.svg"
+# A video of the latest run (needs: pip install pygame moviepy):
+#   sb3-softac-zoo record_video --algo softac --env Pendulum-v1 -f logs/zoo_example -n 400
 # Training-episode rewards (interactive window; needs a display):
 #   sb3-softac-zoo plot_train -a softac -e Pendulum-v1 -f logs/zoo_example

@@ -22,7 +22,7 @@ import speed
 import yaml
 from scipy import stats
 
-from sb3_softac import zoo
+import sb3_softac.hyperparams
 
 TINY_NET = ["--net-arch", "16", "16"]
 
@@ -31,7 +31,7 @@ TINY_NET = ["--net-arch", "16", "16"]
 
 
 def _packaged(file_name: str) -> dict:
-    return yaml.safe_load((zoo.default_hyperparams_path().parent / file_name).read_text(encoding="utf-8"))
+    return yaml.safe_load((sb3_softac.hyperparams.HYPERPARAMS_DIR / file_name).read_text(encoding="utf-8"))
 
 
 def test_zoo_hyperparams_are_the_packaged_entries() -> None:
@@ -72,7 +72,7 @@ def test_zoo_values_sac_cannot_take_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, named: str
 ) -> None:
     (tmp_path / "softac.yml").write_text(f"Some-v0:\n  policy: 'MlpPolicy'\n  {setting}\n", encoding="utf-8")
-    monkeypatch.setattr(zoo, "default_hyperparams_path", lambda: tmp_path / "softac.yml")
+    monkeypatch.setattr(sb3_softac.hyperparams, "HYPERPARAMS_DIR", tmp_path)
     with pytest.raises(ValueError, match=named):
         common.zoo_hyperparams("Some-v0")
 

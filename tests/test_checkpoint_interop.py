@@ -3,7 +3,8 @@
 After a conversion the deterministic actions are bit-identical, the entropy coefficient and every Adam moment are
 the same numbers (the critic's moments only change layout: SB3 keeps one ``nn.Sequential`` per critic with
 ``(out, in)`` weights, sb3_softac one stacked ensemble with ``(n, in, out)`` weights), the timestep counter carries
-over, and either library continues training from the converted file. The RL Zoo reads and writes these files too.
+over, and either library continues training from the converted file. The RL Zoo reads and writes these files too
+(tested in ``tests/test_zoo.py``).
 """
 
 import io
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import stable_baselines3 as sb3
 import torch as th
-from envs import PointGoalEnv, VectorBoxEnv, make_sac, run_python
+from envs import PointGoalEnv, VectorBoxEnv, make_sac
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_softac import SAC
@@ -397,77 +398,3 @@ def test_loading_another_algorithm_names_what_the_archive_holds(
     algo("MlpPolicy", env_id, policy_kwargs=dict(net_arch=[8]), seed=0).save(tmp_path / "other")
     with pytest.raises(ValueError, match=policy_class):
         SAC.load(tmp_path / "other")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Through the RL Zoo
-
-ZOO_STEPS = 300
-
-
-@pytest.fixture(scope="module")
-def zoo_sac_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint of ``python -m rl_zoo3.train --algo sac``: ``<folder>/sac/Pendulum-v1_1/Pendulum-v1.zip``."""
-    folder = tmp_path_factory.mktemp("zoo")
-    # rl_zoo3.train flags: -n timesteps, -f log folder, -params overrides of the packaged hyperparameters.
-    run_python(
-        *[
-            "-m",
-            "rl_zoo3.train",
-            "--algo",
-            "sac",
-            "--env",
-            "Pendulum-v1",
-            "-n",
-            str(ZOO_STEPS),
-            "-f",
-            str(folder),
-            "--seed",
-            "0",
-            "--num-threads",
-            "1",
-            "--eval-freq",
-            "-1",
-            "-params",
-            "learning_starts:100",
-            "policy_kwargs:dict(net_arch=[32,32])",
-        ],
-        cwd=folder,
-    )
-    checkpoint = folder / "sac" / "Pendulum-v1_1" / "Pendulum-v1.zip"
-    assert checkpoint.is_file()
-    return checkpoint
-
-
-def test_zoo_trained_sb3_checkpoint_loads_into_ours(zoo_sac_run: Path) -> None:
-    reference = sb3.SAC.load(zoo_sac_run)
-    ours = SAC.load(zoo_sac_run, env=gym.make("Pendulum-v1"))
-    assert ours.num_timesteps == reference.num_timesteps == ZOO_STEPS
-    assert ours.actor.net_arch == NET
-    space = gym.make("Pendulum-v1").observation_space
-    space.seed(0)
-    observations = np.stack([space.sample() for _ in range(32)])
-    assert np.array_equal(_actions(ours, observations), _actions(reference, observations))
-    ours.learn(50, reset_num_timesteps=False)
-    assert ours.num_timesteps == ZOO_STEPS + 50
-
-
-def test_zoo_enjoys_a_checkpoint_written_by_save_as_sb3(tmp_path: Path) -> None:
-    ours = SAC("MlpPolicy", "Pendulum-v1", learning_starts=50, batch_size=32, policy_kwargs=dict(net_arch=NET), seed=0)
-    ours.learn(100)
-    # rl_zoo3.enjoy --exp-id 1 loads <folder>/<algo>/<env id>_1/<env id>.zip.
-    run = tmp_path / "sac" / "Pendulum-v1_1"
-    run.mkdir(parents=True)
-    ours.save_as_sb3(run / "Pendulum-v1.zip")
-    args = ["--algo", "sac", "--env", "Pendulum-v1", "-f", str(tmp_path), "--exp-id", "1", "-n", "50", "--no-render"]
-    result = run_python("-m", "rl_zoo3.enjoy", *args, cwd=tmp_path)
-    assert "Loading" in result.stdout
-
-
-def test_our_zoo_enjoys_an_sb3_trained_checkpoint(tmp_path: Path, zoo_sac_run: Path) -> None:
-    run = tmp_path / "softac" / "Pendulum-v1_1"
-    run.mkdir(parents=True)
-    (run / "Pendulum-v1.zip").write_bytes(zoo_sac_run.read_bytes())
-    args = ["--algo", "softac", "--env", "Pendulum-v1", "-f", str(tmp_path), "--exp-id", "1", "-n", "50", "--no-render"]
-    result = run_python("-m", "sb3_softac.zoo", "enjoy", *args, cwd=tmp_path)
-    assert "Loading" in result.stdout

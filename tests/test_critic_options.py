@@ -7,7 +7,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from math import comb
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -344,27 +343,3 @@ def test_defaults_build_plain_sac(action_space: str) -> None:
     ]
     # The critics' optimizer uses learning_rate.
     assert model.critic.optimizer.param_groups[0]["lr"] == model.actor.optimizer.param_groups[0]["lr"] == 3e-4
-
-
-@pytest.mark.parametrize("variant", ["droq", "redq"])
-def test_zoo_configuration_files_build_what_they_name(variant: str) -> None:
-    """hyperparams/softac_droq.yml and softac_redq.yml (used with ``-conf``) configure the options they are named
-    after, for every listed environment (checked on Hopper-v5, built without training)."""
-    import yaml
-
-    path = Path(__file__).resolve().parents[1] / "hyperparams" / f"softac_{variant}.yml"
-    entries = yaml.safe_load(path.read_text())
-    for env_id in ("Hopper", "Walker2d", "HalfCheetah", "Ant", "Humanoid"):
-        assert entries[f"{env_id}-v4"] == entries[f"{env_id}-v5"]
-    entry = dict(entries["Hopper-v5"])
-    assert entry.pop("policy") == "MlpPolicy" and entry.pop("n_timesteps") > 0
-    entry["policy_kwargs"] = eval(entry["policy_kwargs"], {"dict": dict})
-    model = SAC("MlpPolicy", "Hopper-v5", **entry)
-    assert model.gradient_steps == model.policy_delay == 20  # UTD 20, actor once per environment step
-    kinds = {type(m) for m in model.critic.q_networks.modules()}
-    if variant == "droq":
-        assert model.critic.n_critics == 2 and model.critic_subset_size is None and model.actor_q_reduction == "min"
-        assert {nn.Dropout, EnsembleLayerNorm} <= kinds
-    else:
-        assert model.critic.n_critics == 10 and model.critic_subset_size == 2 and model.actor_q_reduction == "mean"
-        assert not {nn.Dropout, EnsembleLayerNorm} & kinds

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from envs import REPO_ROOT, ActionSpaceEnv, make_sac, run_python
+from envs import ActionSpaceEnv, make_sac
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import EvalCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -374,35 +374,3 @@ def test_use_sde_or_action_noise_with_discrete_actions_is_refused() -> None:
         SAC("MlpPolicy", VectorDiscreteEnv(), use_sde=True)
     with pytest.raises(ValueError, match="use_sde and action_noise"):
         SAC("MlpPolicy", VectorDiscreteEnv(), action_noise=NormalActionNoise(np.zeros(1), np.ones(1)))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# RL Zoo
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1"])
-def test_zoo_entries_are_the_learning_test_settings(env_id: str) -> None:
-    """hyperparams/softac.yml holds the settings that tests/test_learning_discrete.py shows to work."""
-    import yaml
-    from test_learning_discrete import ACROBOT, CARTPOLE, MAX_STEPS
-
-    entry = dict(yaml.safe_load((REPO_ROOT / "hyperparams" / "softac.yml").read_text())[env_id])
-    assert entry.pop("policy") == "MlpPolicy" and entry.pop("n_timesteps") == MAX_STEPS
-    entry["policy_kwargs"] = eval(entry["policy_kwargs"], {"dict": dict})
-    assert entry == {"CartPole-v1": CARTPOLE, "Acrobot-v1": ACROBOT}[env_id]
-
-
-def test_zoo_trains_softac_on_cartpole(tmp_path: Path) -> None:
-    command = [
-        *("-m", "sb3_softac.zoo", "train", "--algo", "softac", "--env", "CartPole-v1", "-n", "500"),
-        *("-f", str(tmp_path), "--num-threads", "1", "--seed", "0", "-params", "learning_starts:100"),
-    ]
-    run_python(*command, cwd=REPO_ROOT)
-    (saved,) = (tmp_path / "softac").glob("CartPole-v1_*/CartPole-v1.zip")
-    model = SAC.load(saved)
-    assert isinstance(model.actor, CategoricalActor)
-    assert model.learning_starts == 100 and model.num_timesteps == 500
-    obs, _ = gym.make("CartPole-v1").reset(seed=0)
-    action, _ = model.predict(obs, deterministic=True)
-    assert int(action) in (0, 1)

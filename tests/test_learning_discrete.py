@@ -1,8 +1,8 @@
 """Discrete SAC learns the classic-control tasks (slow: run with ``pytest -m slow tests/test_learning_discrete.py``).
 
-Each test trains on one fixed seed with the settings of ``hyperparams/softac.yml``, evaluates the deterministic
-policy on 10 episodes every 5k steps and stops as soon as the mean return reaches the threshold; it fails if that
-never happens within 50k environment steps.
+Each test trains on one fixed seed with the settings of ``sb3_softac/hyperparams/softac.yml``, evaluates the
+deterministic policy on 10 episodes every 5k steps and stops as soon as the mean return reaches the threshold; it fails
+if that never happens within 50k environment steps.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ th.set_num_threads(1)
 MAX_STEPS = 50_000
 EVAL_EVERY = 5_000
 
-# The entries of hyperparams/softac.yml for these environments (keep both in sync).
+# The entries of sb3_softac/hyperparams/softac.yml for these environments (keep both in sync).
 CARTPOLE = dict(learning_starts=1_000, policy_kwargs=dict(net_arch=[64, 64]))
 # Acrobot pays -1 per step until the goal: with the automatic temperature (target entropy 0.89 log 3) the behaviour
 # policy stays close to uniform and seed 0 was still at -500 after 20k steps. A small fixed temperature keeps it

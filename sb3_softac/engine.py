@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 
 #: Values of ``SAC(update_engine=...)``: ``"auto"`` takes this engine wherever it applies, ``"autograd"`` never.
 UPDATE_ENGINES = ("auto", "autograd")
+#: A ``train`` call draws its minibatches this many at a time: all of them for the usual update-to-data ratios
+#: (up to 20 or so), while ``gradient_steps=-1`` after a long episode does not hold thousands in memory at once.
+MINIBATCHES_PER_DRAW = 64
 
 _Activation = Literal["relu", "tanh"]
 _ACTIVATIONS: dict[type[nn.Module], _Activation] = {nn.ReLU: "relu", nn.Tanh: "tanh"}

@@ -20,7 +20,7 @@ from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name
 from torch import nn
 
 from sb3_softac import archives, checkpoints, files
-from sb3_softac.engine import UPDATE_ENGINES, UpdateEngine, minibatch, unsupported_reason
+from sb3_softac.engine import MINIBATCHES_PER_DRAW, UPDATE_ENGINES, UpdateEngine, minibatch, unsupported_reason
 from sb3_softac.losses import (
     CRITIC_REDUCTIONS,
     CriticReduction,
@@ -435,17 +435,19 @@ class SAC(OffPolicyAlgorithm):
     ) -> None:
         """The gradient steps of one ``train`` call through the autograd-free engine (see :meth:`train`).
 
-        All the call's minibatches are drawn at once, as SBX does (with one environment the replay buffer then
-        draws the same indices as ``gradient_steps`` separate draws).
+        The call's minibatches are drawn at once, as SBX does, up to ``MINIBATCHES_PER_DRAW`` at a time (with one
+        environment the replay buffer then draws the same indices as ``gradient_steps`` separate draws).
         """
-        if gradient_steps == 0:
-            return
-        samples = self.replay_buffer.sample(batch_size * gradient_steps, env=self._vec_normalize_env)  # type: ignore[union-attr]
+        samples = None
         for step in range(gradient_steps):
+            if step % MINIBATCHES_PER_DRAW == 0:
+                count = min(MINIBATCHES_PER_DRAW, gradient_steps - step)
+                samples = self.replay_buffer.sample(batch_size * count, env=self._vec_normalize_env)  # type: ignore[union-attr]
+            assert samples is not None
             n_update = self._n_updates + step
             critic_row, actor_row = self._engine.gradient_step(
                 self,
-                minibatch(samples, step, batch_size),
+                minibatch(samples, step % MINIBATCHES_PER_DRAW, batch_size),
                 update_actor=n_update % self.policy_delay == 0,
                 update_target=n_update % self.target_update_interval == 0,
             )

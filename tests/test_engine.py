@@ -23,6 +23,7 @@ import sb3_softac.engine
 import sb3_softac.losses
 from sb3_softac import SAC
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN
+from sb3_softac.engine import MINIBATCHES_PER_DRAW
 from sb3_softac.policies import SACPolicy
 
 BATCH = 32
@@ -193,6 +194,27 @@ def test_several_updates_in_one_call_match_autograd(monkeypatch: pytest.MonkeyPa
     _assert_same_update(engine, reference)
     for key, value in expected.items():
         assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+def test_many_gradient_steps_are_drawn_in_chunks_and_match_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More minibatches than MINIBATCHES_PER_DRAW: drawn a chunk at a time, consumed in order, same update."""
+    engine, reference = _pair(monkeypatch, 2, policy_delay=2)
+    gradient_steps = 2 * MINIBATCHES_PER_DRAW + 5
+    pool = _batches(2, BATCH * gradient_steps)
+    sizes: list[int] = []
+    sampler = _Sampler(pool)
+
+    def sample(batch_size: int, env: object = None) -> ReplayBufferSamples:
+        sizes.append(batch_size)
+        return sampler(batch_size, env)
+
+    _train(reference, pool, gradient_steps)
+    engine.replay_buffer.sample = sample  # type: ignore[method-assign]
+    engine.set_logger(configure(None, []))
+    th.manual_seed(1234)
+    engine.train(gradient_steps=gradient_steps, batch_size=BATCH)
+    assert sizes == [BATCH * MINIBATCHES_PER_DRAW] * 2 + [BATCH * 5]
+    _assert_same_update(engine, reference)
 
 
 def test_n_step_discounts_match_autograd(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,7 +50,7 @@ from sb3_softac.losses import (
 from sb3_softac.losses import temperature_loss as temperature_objective
 from sb3_softac.networks import EnsembleLinear
 from sb3_softac.nonfinite import flag_nonfinite, guarded_step
-from sb3_softac.policies import Actor, SACPolicy
+from sb3_softac.policies import Actor, Critic, SACPolicy
 
 if TYPE_CHECKING:
     from sb3_softac.sac import SAC
@@ -66,16 +66,10 @@ _ACTIVATIONS: dict[type[nn.Module], _Activation] = {nn.ReLU: "relu", nn.Tanh: "t
 _OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 
 
-def _mlp_layers(
-    modules: Sequence[nn.Module], linear: type[nn.Module], activation: type[nn.Module]
-) -> list[nn.Module] | None:
-    """The linear layers of ``linear -> activation -> linear -> ...``, or None for any other structure."""
+def _is_mlp(modules: Sequence[nn.Module], linear: type[nn.Module], activation: type[nn.Module]) -> bool:
+    """Whether ``modules`` are exactly ``linear -> activation -> linear -> ...`` (what the engine differentiates)."""
     layers = list(modules)
-    linears = layers[0::2]
-    activations = layers[1::2]
-    if not all(type(layer) is linear for layer in linears) or not all(type(a) is activation for a in activations):
-        return None
-    return linears
+    return all(type(layer) is linear for layer in layers[0::2]) and all(type(a) is activation for a in layers[1::2])
 
 
 def unsupported_reason(model: SAC) -> str | None:
@@ -111,10 +105,12 @@ def unsupported_reason(model: SAC) -> str | None:
             return f"the features extractor {type(network.features_extractor).__name__} is not FlattenExtractor"
     if type(actor.mu) is not nn.Linear or type(actor.log_std) is not nn.Linear:
         return "the actor's heads are not linear layers"
-    if _mlp_layers(list(actor.latent_pi), nn.Linear, activation) is None:
+    if not _is_mlp(list(actor.latent_pi), nn.Linear, activation):
         return "the actor's hidden layers are not linear layers and activations"
     for network in (critic, target):
-        if _mlp_layers(network.q_networks.layers, EnsembleLinear, activation) is None:
+        if type(network) is not Critic:
+            return f"the critic class {type(network).__name__} is not sb3_softac's Critic"
+        if not _is_mlp(network.q_networks.layers, EnsembleLinear, activation):
             return "the critics are not linear layers and activations"
     if len(model.batch_norm_stats) > 0:
         return "batch normalisation is covered by the autograd update only"

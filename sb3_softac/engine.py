@@ -23,7 +23,7 @@ built or tested.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -130,11 +130,15 @@ def unsupported_reason(model: SAC) -> str | None:
     dtypes = {p.dtype for p in [*parameters, *target.parameters()]}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
         return "the parameters do not share one floating-point dtype"
-    return _hooks_reason(model)
+    return _hooks_reason(list(policy.modules()), _trained_parameters(model))
 
 
-def _hooks_reason(model: SAC) -> str | None:
-    """Why hooks that the engine would bypass (it runs no module and no autograd) forbid it, or None."""
+def _hooks_reason(modules: Sequence[nn.Module], parameters: Sequence[th.Tensor]) -> str | None:
+    """Why hooks that the engine would bypass (it runs no module and no autograd) forbid it, or None.
+
+    :param modules: every module of the policy
+    :param parameters: every parameter the update trains
+    """
     if (
         module_hooks._global_forward_pre_hooks
         or module_hooks._global_forward_hooks
@@ -142,16 +146,66 @@ def _hooks_reason(model: SAC) -> str | None:
         or module_hooks._global_backward_hooks
     ):
         return "global module hooks are registered"
-    for module in model.policy.modules():
+    for module in modules:
         if module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks:
             return f"a {type(module).__name__} module has hooks"
-    parameters: list[th.Tensor] = list(model.policy.parameters())
-    if model.log_ent_coef is not None:
-        parameters.append(model.log_ent_coef)
     for parameter in parameters:
         if parameter._backward_hooks or getattr(parameter, "_post_accumulate_grad_hooks", None):
             return "a parameter has gradient hooks"
     return None
+
+
+def _trained_parameters(model: SAC) -> list[th.Tensor]:
+    parameters: list[th.Tensor] = list(model.policy.parameters())
+    if model.log_ent_coef is not None:
+        parameters.append(model.log_ent_coef)
+    return parameters
+
+
+class _Snapshot:
+    """What the engine is bound to, by identity: when any of it is replaced, coverage is checked again.
+
+    The objects the update reads (policy, networks, optimizers, temperature), every module's parameters and
+    children, and every optimizer's parameter groups. Comparing identities costs a few microseconds, where the full
+    :func:`unsupported_reason` costs about a hundred at every ``train`` call.
+    """
+
+    def __init__(self, model: SAC) -> None:
+        self.objects = self._objects(model)
+        self.modules = list(model.policy.modules())
+        self.parameters = _trained_parameters(model)
+        containers: list[Mapping[str, object]] = [module._parameters for module in self.modules]
+        containers += [module._modules for module in self.modules]
+        lists: list[Sequence[object]] = []
+        for optimizer in (model.actor.optimizer, model.critic.optimizer, model.ent_coef_optimizer):
+            if optimizer is not None:
+                lists.append(optimizer.param_groups)
+                containers.extend(optimizer.param_groups)
+                lists.extend(group["params"] for group in optimizer.param_groups)
+        self.entries = [(container, key, value) for container in containers for key, value in container.items()]
+        self.sizes = [(container, len(container)) for container in [*containers, *lists]]
+
+    @staticmethod
+    def _objects(model: SAC) -> list[object]:
+        return [
+            model.policy,
+            model.actor,
+            model.critic,
+            model.critic_target,
+            model.actor.optimizer,
+            model.critic.optimizer,
+            model.ent_coef_optimizer,
+            model.log_ent_coef,
+            model.ent_coef_tensor,
+        ]
+
+    def still_current(self, model: SAC) -> bool:
+        """Whether nothing recorded has been replaced, added or removed since the snapshot."""
+        return (
+            all(a is b for a, b in zip(self._objects(model), self.objects, strict=True))
+            and all(len(container) == size for container, size in self.sizes)
+            and all(container.get(key) is value for container, key, value in self.entries)
+        )
 
 
 def minibatch(samples: ReplayBufferSamples, index: int, batch_size: int) -> ReplayBufferSamples:
@@ -427,7 +481,7 @@ class UpdateEngine:
 
     def __init__(self) -> None:
         self._bound: _Bound | None = None
-        self._identity: tuple[int, ...] = ()
+        self._snapshot: _Snapshot | None = None
         self._buffers: _Buffers | None = None
 
     def begin(self, model: SAC) -> str | None:
@@ -436,32 +490,23 @@ class UpdateEngine:
         :param model: the model to update
         :return: None when bound, or why the engine does not cover the model (as it is now)
         """
-        identity = tuple(
-            id(x)
-            for x in (
-                model.policy,
-                model.actor,
-                model.critic,
-                model.critic_target,
-                model.actor.optimizer,
-                model.critic.optimizer,
-                model.ent_coef_optimizer,
-                model.log_ent_coef,
-                model.ent_coef_tensor,
-                *model.policy.parameters(),
-            )
-        )
-        if self._bound is None or identity != self._identity or not self._bound.grads_in_place():
+        snapshot = self._snapshot
+        if (
+            self._bound is None
+            or snapshot is None
+            or not snapshot.still_current(model)
+            or not self._bound.grads_in_place()
+        ):
             reason = unsupported_reason(model)
             if reason is not None:
                 self._bound = None
                 return reason
             self._bound = _Bound.from_model(model)
-            self._identity = identity
+            self._snapshot = _Snapshot(model)
             self._buffers = None
         else:
             # The full check only when something was replaced; hooks can come and go on the same modules.
-            reason = _hooks_reason(model)
+            reason = _hooks_reason(snapshot.modules, snapshot.parameters)
             if reason is not None:
                 return reason
         # The optimizers' state tensors may have been replaced (load_state_dict) since the last call.

@@ -490,3 +490,44 @@ def test_hooks_send_the_update_to_autograd_until_removed(capsys: pytest.CaptureF
     model.learn(5, reset_num_timesteps=False)
     assert model.update_path == "engine"
     assert "SAC update path: engine from now on" in capsys.readouterr().out
+
+
+def _replace_a_parameter(model: SAC) -> None:
+    model.actor.mu.weight = nn.Parameter(model.actor.mu.weight.detach().clone())
+
+
+def _add_a_parameter_group(model: SAC) -> None:
+    model.critic.optimizer.add_param_group({"params": [nn.Parameter(th.zeros(3))]})
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (_replace_a_parameter, "actor optimizer does not hold exactly"),
+        (_add_a_parameter_group, "critic optimizer does not hold exactly"),
+    ],
+)
+def test_parts_replaced_between_calls_are_noticed(change, reason: str) -> None:  # type: ignore[no-untyped-def]
+    model = SAC("MlpPolicy", BoxEnv(), learning_starts=0, batch_size=8, seed=0)
+    model.learn(5)
+    assert model.update_path == "engine"
+    change(model)
+    with pytest.warns(UserWarning, match=reason):
+        model.learn(5, reset_num_timesteps=False)
+    assert model.update_path == "autograd"
+
+
+def test_a_new_optimizer_between_calls_is_the_one_stepped(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, reference = _pair(monkeypatch, 2)
+    pool = _batches(2, 2 * BATCH)
+    _train(engine, pool, 1)
+    _train(reference, pool, 1)
+    for model in (engine, reference):
+        model.critic.optimizer = th.optim.Adam(model.critic.parameters(), lr=0.05, fused=True)
+        model.qf_learning_rate = 0.05
+        model.qf_lr_schedule = lambda _: 0.05
+    _train(engine, pool, 2)
+    _train(reference, pool, 2)
+    assert engine.update_path == "engine"
+    assert engine.critic.optimizer.state_dict()["state"][0]["step"] == 2
+    _assert_same_update(engine, reference)

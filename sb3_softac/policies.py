@@ -5,6 +5,7 @@ These modules build networks and evaluate them; the distributions' math lives in
 """
 
 import io
+import itertools
 import pathlib
 import re
 from abc import abstractmethod
@@ -654,6 +655,12 @@ class SACPolicy(BasePolicy):
 
         :param mode: True for training mode
         """
+        # predict() and collect_rollouts() each ask for evaluation mode at every env step, nearly always when it is
+        # already set: reading every module's flag costs about a third of train()'s walk that writes them. Each
+        # flag is read, so a submodule switched on its own is still switched back.
+        modules = itertools.chain(self.actor.modules(), self.critic.modules())
+        if self.training == mode and all(module.training == mode for module in modules):
+            return
         self.actor.set_training_mode(mode)
         self.critic.set_training_mode(mode)
         self.training = mode

@@ -1,4 +1,4 @@
-"""``SACPolicy.set_training_mode`` skips the module walk when nothing would change, and only then."""
+"""``SACPolicy.set_training_mode``: the flags it sets, without the module walk when nothing would change."""
 
 import pytest
 from torch import nn
@@ -47,3 +47,20 @@ def test_the_policy_flag_alone_is_set(model: SAC) -> None:
     model.policy.training = True
     model.policy.set_training_mode(False)
     assert model.policy.training is False
+
+
+def test_a_module_with_its_own_train_is_switched_by_its_train(model: SAC) -> None:
+    """A module overriding train() (it may do more than set the flag) gets its train() called, as before."""
+    calls: list[bool] = []
+
+    class Recording(nn.Identity):
+        def train(self, mode: bool = True) -> "Recording":
+            calls.append(mode)
+            return super().train(mode)
+
+    model.actor.latent_pi.append(Recording())  # in training mode, as a new module is
+    model.policy.set_training_mode(False)
+    model.policy.set_training_mode(False)  # nothing to change: not called
+    model.policy.set_training_mode(True)
+    assert calls == [False, True]
+    assert all(module.training is True for module in [*model.actor.modules(), *model.critic.modules()])

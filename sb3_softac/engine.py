@@ -445,7 +445,8 @@ class _Buffers:
             weight = empty(target_members, *layer.weight.shape[1:])
             bias = empty(target_members, *layer.bias.shape[1:])
             self.target_subset.append(_Linear(weight, bias, weight, bias))  # no gradient: grad fields unused
-        self.target_hidden = [empty(target_members, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
+        # The target evaluation is done with its activations before the critics run: they share the memory.
+        self.target_hidden = [hidden[:target_members] for hidden in self.critic_hidden]
         self.target_q = empty(target_members, batch_size, 1)
         self.action_grad_members = empty(n_critics, batch_size, action_dim)
         # The actor's "min" backward on the CPU (see UpdateEngine._chosen_critic_action_grad): each row's activations

@@ -449,10 +449,12 @@ class _Buffers:
         self.target_hidden = [hidden[:target_members] for hidden in self.critic_hidden]
         self.target_q = empty(target_members, batch_size, 1)
         self.action_grad_members = empty(n_critics, batch_size, action_dim)
-        # The actor's "min" backward on the CPU (see UpdateEngine._chosen_critic_action_grad): each row's activations
-        # and gradients in the critic it takes the minimum from, rows sorted by that critic.
-        self.chosen_hidden = [empty(batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
-        self.chosen_hidden_grad = [empty(batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
+        # The actor's "min" backward on the CPU (see UpdateEngine._chosen_critic_action_grad, n_critics > 1): each
+        # row's activations and gradients in the critic it takes the minimum from, rows sorted by that critic. They
+        # live in the critic-loss gradients' memory, free by then: a smaller working set is a faster step.
+        several = n_critics > 1
+        self.chosen_hidden = [grad[1] for grad in self.critic_hidden_grad] if several else []
+        self.chosen_hidden_grad = [grad[0] for grad in self.critic_hidden_grad] if several else []
         self.chosen_input_grad = empty(batch_size, bound.critic[0].weight.shape[1])
         self.chosen_action_grad = empty(batch_size, action_dim)
         self.action_grad = empty(batch_size, action_dim)

@@ -459,6 +459,16 @@ class Critic(BaseModel):
             return self.q_networks[int(match["index"])]
 
 
+def _plain_module(module: nn.Module) -> bool:
+    """Whether ``module.train(mode)`` only sets ``module.training`` (and recurses): neither method overridden."""
+    return type(module).train is nn.Module.train and type(module).__setattr__ is nn.Module.__setattr__
+
+
+def _plain_mode_switch(network: BaseModel) -> bool:
+    """Whether ``network.set_training_mode(mode)`` is SB3's, which calls ``network.train(mode)`` and nothing else."""
+    return type(network).set_training_mode is BaseModel.set_training_mode
+
+
 class SACPolicy(BasePolicy):
     """Actor, critic ensemble and target critic ensemble of SAC.
 
@@ -654,8 +664,21 @@ class SACPolicy(BasePolicy):
 
         :param mode: True for training mode
         """
-        self.actor.set_training_mode(mode)
-        self.critic.set_training_mode(mode)
+        # This runs up to three times per env step (train(), collect_rollouts(), predict()), and nn.Module.train()
+        # sets each flag through nn.Module.__setattr__, about 2 us a module. Every flag is read, so that a submodule
+        # switched on its own is still switched back; when all are already in ``mode`` (predict's call), nothing
+        # is written.
+        modules = [*self.actor.modules(), *self.critic.modules()]
+        if self.training == mode and all(module.training == mode for module in modules):
+            return
+        if _plain_mode_switch(self.actor) and _plain_mode_switch(self.critic) and all(map(_plain_module, modules)):
+            # What nn.Module.train() does for modules that override neither train() nor __setattr__, a third of
+            # its cost.
+            for module in modules:
+                object.__setattr__(module, "training", mode)
+        else:
+            self.actor.set_training_mode(mode)
+            self.critic.set_training_mode(mode)
         self.training = mode
 
     # Policy-only files, as SB3's ``policy.save`` / ``Policy.load`` (read by archives.py, converted by checkpoints.py).

@@ -705,7 +705,8 @@ class SAC(OffPolicyAlgorithm):
         :raises ValueError: when the buffer was saved for other observation or action shapes, or another number
             of environments; the model keeps its previous buffer
         """
-        previous = self.replay_buffer
+        # A model may hold no buffer (SB3's own tests delete it before loading one); a refused buffer restores that.
+        previous = getattr(self, "replay_buffer", None)
         super().load_replay_buffer(path, truncate_last_traj)
         try:
             archives.check_replay_buffer_fits(self.replay_buffer, self, path)

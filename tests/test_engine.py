@@ -301,6 +301,56 @@ def test_pendulum_200_steps_stay_with_autograd() -> None:
     th.testing.assert_close(engine.log_ent_coef, reference.log_ent_coef, atol=1e-4, rtol=0.0)
 
 
+def _copy_critic(model: SAC, source: int, destination: int) -> None:
+    """Make critic ``destination`` (online and target) an exact copy of critic ``source``."""
+    with th.no_grad():
+        for critic in (model.critic, model.critic_target):
+            for parameter in critic.parameters():
+                parameter[destination].copy_(parameter[source])
+
+
+@pytest.mark.parametrize("n_critics", [2, 3])
+def test_min_ties_route_to_the_first_critic(monkeypatch: pytest.MonkeyPatch, n_critics: int) -> None:
+    """Equal minima: the actor's gradient goes through the first of the tied critics, as autograd's min routes it.
+
+    The last critic is a copy of the first, so they tie on every row (they stay copies: same gradients, same Adam
+    steps). With 2 critics every row ties and the second critic's group is empty; with 3 the middle critic
+    takes the rows where it is the smaller.
+    """
+    engine, reference = _pair(monkeypatch, 3, policy_kwargs=dict(n_critics=n_critics))
+    pool = _batches(3, 2 * BATCH)
+
+    def policy_q_values(model: SAC) -> th.Tensor:
+        with th.no_grad():
+            return th.stack(model.critic(pool.observations, model.actor(pool.observations, deterministic=True)))
+
+    for model in (engine, reference):
+        _copy_critic(model, 0, n_critics - 1)
+        if n_critics == 3:  # the middle critic shifted to be the smaller on about half the rows
+            q_values = policy_q_values(model)
+            with th.no_grad():
+                model.critic.q_networks.layers[-1].bias[1] -= (q_values[1] - q_values[0]).median()
+    _train(engine, pool, 2)
+    _train(reference, pool, 2)
+    _assert_same_update(engine, reference)
+    for parameter in engine.critic.parameters():
+        assert th.equal(parameter[0], parameter[-1])  # still tied after the updates
+    if n_critics == 3:  # not vacuous: the untied critic is the minimum on some rows and not on others
+        q_values = policy_q_values(engine)
+        assert 0 < int((q_values[1] < q_values[0]).sum()) < len(pool.observations)
+
+
+@pytest.mark.parametrize("config", ["2-critics", "3-critics", "subset-min-actor", "no-hidden-layers", "deep-wide"])
+def test_min_backward_without_host_counts_matches_autograd(monkeypatch: pytest.MonkeyPatch, config: str) -> None:
+    """Where counts cannot be read on the host for free (CUDA), the "min" backward runs every critic on every row."""
+    monkeypatch.setattr(sb3_softac.engine, "_counts_on_host", lambda device: False)
+    engine, reference = _pair(monkeypatch, 2, **CONFIGURATIONS[config])
+    pool = _batches(2, 2 * BATCH)
+    _train(engine, pool, 2)
+    _train(reference, pool, 2)
+    _assert_same_update(engine, reference)
+
+
 def test_engine_reads_live_parameters_and_learning_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-place edits, set_parameters and a new lr_schedule between calls reach the engine's next update."""
     engine, reference = _pair(monkeypatch, 2)

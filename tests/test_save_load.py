@@ -59,6 +59,24 @@ def test_replay_buffer_save_load_same_contents(tmp_path, box_env) -> None:
         np.testing.assert_array_equal(getattr(loaded, name), getattr(buffer, name), err_msg=name)
 
 
+def test_replay_buffer_loads_into_a_model_without_one(tmp_path, box_env) -> None:
+    # SB3's HER tests delete the buffer attribute before loading one; SB3's SAC accepts that, so must we.
+    model = make_sac(box_env, buffer_size=120).learn(150)
+    saved_rewards = model.replay_buffer.rewards.copy()
+    model.save_replay_buffer(tmp_path / "buffer")
+    del model.replay_buffer
+    model.load_replay_buffer(tmp_path / "buffer")
+    np.testing.assert_array_equal(model.replay_buffer.rewards, saved_rewards)
+
+    # A buffer that does not fit is refused, and the model is left without one, as it was.
+    wrong = make_sac("MountainCarContinuous-v0", learning_starts=10).learn(20)
+    wrong.save_replay_buffer(tmp_path / "wrong")
+    del model.replay_buffer
+    with pytest.raises(ValueError, match="observation shape"):
+        model.load_replay_buffer(tmp_path / "wrong")
+    assert model.replay_buffer is None
+
+
 def test_get_set_parameters_round_trip(box_env) -> None:
     source = make_sac(box_env, seed=0).learn(100)
     target = make_sac(VectorBoxEnv(), seed=1)

@@ -23,7 +23,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import gymnasium as gym
 import scipy.stats
+import torch
+import yaml
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -39,8 +42,6 @@ def set_torch_threads(n_threads: int) -> None:
 
     :param n_threads: number of threads
     """
-    import torch
-
     torch.set_num_threads(n_threads)
     with contextlib.suppress(RuntimeError):  # torch allows it only before the first inter-op parallel work
         torch.set_num_interop_threads(n_threads)
@@ -136,8 +137,8 @@ def zoo_hyperparams(env_id: str, file_name: str = "softac.yml") -> dict[str, Any
     :raises KeyError: when the file lists neither ``env_id`` nor a ``default`` entry
     :raises ValueError: for settings the plain constructor cannot take
     """
-    import yaml
-
+    # Imported here, not at the top: memory.py's workers import this module and measure the memory of the one
+    # implementation they import, which must not include sb3_softac when it is SB3's turn.
     from sb3_softac import SAC
     from sb3_softac.hyperparams import HYPERPARAMS_DIR
 
@@ -190,8 +191,6 @@ def evaluate(model: Any, env_id: str, run_seed: int, n_episodes: int) -> list[fl
     :param n_episodes: number of episodes, at most ``MAX_EVAL_EPISODES``
     :return: one return per episode
     """
-    import gymnasium as gym
-
     if not 0 < n_episodes <= MAX_EVAL_EPISODES:
         raise ValueError(f"n_episodes={n_episodes}: evaluate between 1 and {MAX_EVAL_EPISODES} episodes")
     env = gym.make(env_id)

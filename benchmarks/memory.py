@@ -34,6 +34,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
+import torch
 from common import set_torch_threads
 
 MIB = 1024.0 * 1024.0
@@ -75,9 +78,6 @@ def peak_rss_mib() -> float:
 
 def _storage(buffer: Any, buffer_size: int) -> list[Any]:
     """Numpy arrays / torch tensors held by the buffer (directly or in a dict attribute), deduplicated."""
-    import numpy as np
-    import torch
-
     found: dict[int, Any] = {}
     for value in vars(buffer).values():
         candidates = list(value.values()) if isinstance(value, dict) else [value]
@@ -97,8 +97,6 @@ def storage_mib(buffer: Any, buffer_size: int) -> float:
 
 def fill_with_add(buffer: Any, obs_dim: int, act_dim: int, n: int) -> None:
     """``n`` calls of ``buffer.add`` with random transitions cycled from a pre-generated pool."""
-    import numpy as np
-
     rng = np.random.default_rng(0)
     pool = 1024
     obs = rng.standard_normal((pool, 1, obs_dim))
@@ -115,9 +113,6 @@ def fill_with_add(buffer: Any, obs_dim: int, act_dim: int, n: int) -> None:
 
 def fill_direct(buffer: Any, buffer_size: int) -> None:
     """Write random values into every storage array of the buffer, in chunks, and mark it full."""
-    import numpy as np
-    import torch
-
     rng = np.random.default_rng(0)
     chunk = 65_536
     for item in _storage(buffer, buffer_size):
@@ -136,8 +131,6 @@ def run_case(module: str, env_id: str, buffer_size: int, optimize: bool, fill: s
     """Measure one case in the current process (meant to be a fresh subprocess)."""
     set_torch_threads(1)
     sac_cls = importlib.import_module(module).SAC
-    import gymnasium as gym
-
     env = gym.make(env_id)
     obs_dim = int(env.observation_space.shape[0])  # type: ignore[index]
     act_dim = int(env.action_space.shape[0])  # type: ignore[index]

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 from common import (
     DEFAULT_OUT,
     evaluate,
@@ -92,8 +93,6 @@ def run_job(job: Job) -> dict[str, Any]:
     Training is split into ``learn(chunk, reset_num_timesteps=False)`` calls, which continue the same episode,
     replay buffer and schedules, so that no callback API of the implementation under test is needed.
     """
-    import gymnasium as gym
-
     set_torch_threads(1)
     sac_cls = importlib.import_module(job.module).SAC
     start = time.perf_counter()
@@ -182,6 +181,7 @@ def render_table(runs: Sequence[dict[str, Any]]) -> str:
 
 def plot_curves(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     """One PNG per (env, steps): mean deterministic return vs env steps with a 95% CI band per implementation."""
+    # Imported here: only a run that plots needs matplotlib, and the file backend must be chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 from common import (
     DEFAULT_OUT,
     evaluate,
@@ -51,6 +52,8 @@ from common import (
     write_results_json,
     zoo_hyperparams,
 )
+
+from sb3_softac import SAC
 
 SETTINGS = ("SAC", "DroQ", "REDQ")
 
@@ -140,10 +143,6 @@ class Job:
 def run_job(job: Job) -> dict[str, Any]:
     """Train one model for the budget, time the whole ``learn()``, then evaluate it."""
     set_torch_threads(1)
-    import gymnasium as gym
-
-    from sb3_softac import SAC
-
     # A copy: SB3 writes into the policy_kwargs it is given, and the results record the arguments as given.
     model = SAC("MlpPolicy", gym.make(job.budget.env_id), seed=job.seed, verbose=0, **copy.deepcopy(job.kwargs))
     # Two calls that continue each other (same episode, buffer and schedules): the random-action warm-up, then the

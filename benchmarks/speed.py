@@ -46,7 +46,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from common import package_version, set_torch_threads
+import gymnasium as gym
+import torch
+from common import package_version, set_torch_threads, zoo_hyperparams
 
 DEFAULT_ENVS: tuple[str, ...] = ("Pendulum-v1", "HalfCheetah-v5")
 REFERENCE_LABEL = "SB3"
@@ -107,8 +109,6 @@ def pinned_threads(n_threads: int, cpu: int | None = None) -> Iterator[str]:
     description of the setting. The previous thread count and CPU affinity are restored on exit (matters when
     ``main`` is called from tests, irrelevant for a command-line run).
     """
-    import torch
-
     old_threads = torch.get_num_threads()
     old_affinity: set[int] | None = None
     set_torch_threads(n_threads)
@@ -167,8 +167,6 @@ def setting_kwargs(setting: str) -> dict[str, Any]:
     """Constructor arguments that define ``setting`` (none for plain SAC), from sb3_softac's zoo files."""
     if setting == "SAC":
         return {}
-    from common import zoo_hyperparams
-
     settings = zoo_hyperparams("HalfCheetah-v5", SETTING_FILES[setting])
     kwargs = {key: value for key, value in settings.items() if key in _SETTING_KEYS}
     kwargs["policy_kwargs"] = {k: v for k, v in kwargs.get("policy_kwargs", {}).items() if k != "net_arch"}
@@ -177,8 +175,6 @@ def setting_kwargs(setting: str) -> dict[str, Any]:
 
 def make_model(contender: Contender, env_id: str, args: argparse.Namespace, setting: str = "SAC") -> Any:
     """Build a SAC model with the shared hyper-parameters of this benchmark and those of ``setting``."""
-    import gymnasium as gym
-
     kwargs = {**setting_kwargs(setting), **contender.kwargs}
     policy_kwargs = {"net_arch": list(args.net_arch), **kwargs.pop("policy_kwargs", {})}
     return contender.sac_cls(
@@ -262,8 +258,6 @@ def sac_step_flops(obs_dim: int, act_dim: int, hidden: Sequence[int], batch_size
 
 def measure_gemm_gflops(size: int = 256, blocks: int = 3, per_block: int = 200) -> float:
     """Median fp32 ``torch.mm`` throughput (GFLOP/s) at ``size``^3 under the current torch thread setting."""
-    import torch
-
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen)
     b = torch.randn(size, size, generator=gen)
@@ -305,8 +299,6 @@ def bench_env(
     env_id: str, contenders: Sequence[Contender], args: argparse.Namespace, setting: str = "SAC"
 ) -> EnvResult:
     """Time ``learn()`` and ``train()`` of every contender on ``env_id`` with alternating repetitions."""
-    import gymnasium as gym
-
     probe = gym.make(env_id)
     result = EnvResult(env_id, _space_dim(probe.observation_space), _space_dim(probe.action_space), setting)
     probe.close()
@@ -550,8 +542,6 @@ def main(argv: Sequence[str] | None = None) -> str:
             for env_id in envs:
                 _log(args, f"{setting}, {env_id}:")
                 results.append(bench_env(env_id, contenders, args, setting))
-    import torch
-
     header = (
         "## SAC speed: " + " vs ".join(f"{c.label} {c.version}" for c in contenders) + "\n\n"
         f"CPU: {_cpu_model()} (vector extensions: {_vector_extensions()}); {thread_info}; torch {torch.__version__}; "

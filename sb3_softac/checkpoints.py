@@ -27,6 +27,8 @@ from sb3_softac import files
 #: The modules that define each library's SAC policy classes.
 SOFTAC_POLICIES = "sb3_softac.policies"
 SB3_POLICIES = sb3_policies.__name__
+#: The action spaces that SB3's SAC supports (its ``supported_action_spaces``).
+SB3_ACTION_SPACES = (spaces.Box,)
 
 
 def policy_class_named(name: str | None, policy_aliases: Mapping[str, type]) -> type | None:
@@ -267,6 +269,26 @@ class _Contents:
     def shared_extractor(self) -> bool:
         return bool((self.data.get("policy_kwargs") or {}).get("share_features_extractor", False))
 
+    def convert_policy(
+        self,
+        convert: Callable[[dict[str, th.Tensor]], dict[str, th.Tensor]],
+        state_of: Callable[[str, dict[str, dict[str, Any]]], dict[str, Any] | None],
+    ) -> None:
+        """Convert the policy's state dict to the other library's layout, and the critic optimizer's state with it.
+
+        :param convert: the state dict conversion (:func:`state_dict_from_sb3` or :func:`state_dict_to_sb3`)
+        :param state_of: the matching per-parameter optimizer state conversion (see :func:`_reindex_optimizer_state`)
+        """
+        source = self.params["policy"]
+        self.params["policy"] = convert(source)
+        if "critic.optimizer" in self.params:
+            self.params["critic.optimizer"] = _reindex_optimizer_state(
+                self.params["critic.optimizer"],
+                _critic_optimizer_names(source, self.shared_extractor),
+                _critic_optimizer_names(self.params["policy"], self.shared_extractor),
+                state_of,
+            )
+
     def write(self, destination: files.Destination) -> None:
         save_to_zip_file(destination, data=self.data, params=self.params, pytorch_variables=self.pytorch_variables)
 
@@ -293,15 +315,9 @@ def sb3_archive_to_softac(
     """
     contents = _read_contents(path, custom_objects)
     contents.data["policy_class"] = _softac_policy_class(path, contents.data.get("policy_class"), policy_aliases)
-    sb3_state = contents.params["policy"]
-    contents.params["policy"] = state_dict_from_sb3(sb3_state, source=f"{path} (policy.pth)")
-    if "critic.optimizer" in contents.params:
-        contents.params["critic.optimizer"] = _reindex_optimizer_state(
-            contents.params["critic.optimizer"],
-            _critic_optimizer_names(sb3_state, contents.shared_extractor),
-            _critic_optimizer_names(contents.params["policy"], contents.shared_extractor),
-            _stacked_member_states,
-        )
+    contents.convert_policy(
+        lambda state: state_dict_from_sb3(state, source=f"{path} (policy.pth)"), _stacked_member_states
+    )
     converted = io.BytesIO()
     contents.write(converted)
     converted.seek(0)
@@ -339,15 +355,7 @@ def softac_archive_to_sb3(source: files.Destination, destination: files.Destinat
     for name in [*softac_only_defaults(algorithm, sb3.SAC), *_DERIVED_SOFTAC_ATTRIBUTES]:
         data.pop(name, None)
     data["policy_kwargs"] = _sb3_policy_kwargs(data.get("policy_kwargs") or {}, data["policy_class"])
-    softac_state = contents.params["policy"]
-    contents.params["policy"] = state_dict_to_sb3(softac_state)
-    if "critic.optimizer" in contents.params:
-        contents.params["critic.optimizer"] = _reindex_optimizer_state(
-            contents.params["critic.optimizer"],
-            _critic_optimizer_names(softac_state, contents.shared_extractor),
-            _critic_optimizer_names(contents.params["policy"], contents.shared_extractor),
-            _member_state,
-        )
+    contents.convert_policy(state_dict_to_sb3, _member_state)
     # Our optimizers default to fused Adam; hand SB3 the implementation choice it makes itself.
     for name in ("actor.optimizer", "critic.optimizer", "ent_coef_optimizer"):
         for group in contents.params.get(name, {}).get("param_groups", []):
@@ -386,7 +394,7 @@ def check_sb3_can_represent(
             for key, default in softac_only_defaults(algorithm, sb3.SAC).items()
             if key not in _IMPLEMENTATION_CHOICES and attributes.get(key, default) != default
         ]
-    if isinstance(action_space, spaces.Discrete):
+    if not isinstance(action_space, SB3_ACTION_SPACES):
         problems.append(f"the {action_space} action space")
     if problems or sb3_class is None:
         raise ValueError(

@@ -33,9 +33,19 @@ def tanh_log_abs_det_jacobian(gaussian_actions: th.Tensor) -> th.Tensor:
     return 2.0 * (_LOG_2 - gaussian_actions - F.softplus(-2.0 * gaussian_actions))
 
 
-def _squashed_log_prob(standardised: th.Tensor, gaussian_actions: th.Tensor, log_std: th.Tensor) -> th.Tensor:
-    # log N(u; mean, std) written with z = (u - mean) / std, minus the tanh Jacobian, summed over actions.
-    gaussian = -0.5 * standardised.square() - log_std - _HALF_LOG_2PI
+def squashed_log_prob_from_noise(noise: th.Tensor, gaussian_actions: th.Tensor, log_std: th.Tensor) -> th.Tensor:
+    """Log-density of ``a = tanh(u)``, ``u = mean + exp(log_std) * noise``, given the standardised noise itself.
+
+    ``log pi(a|s) = sum_i [log N(noise_i; 0, 1) - log_std_i - log(1 - tanh(u_i)^2)]`` (SAC paper, eq. 21): the
+    Gaussian term written with ``noise = (u - mean) / std``. For a sample, pass the drawn noise rather than
+    recomputing it from ``u``, which loses all precision when ``std`` is tiny next to ``mean``.
+
+    :param noise: standardised pre-squash actions ``(u - mean) / std``, shape ``(batch, action_dim)``
+    :param gaussian_actions: pre-squash actions ``u``, same shape
+    :param log_std: Gaussian log standard deviations, broadcastable to ``(batch, action_dim)``
+    :return: log-probabilities of the squashed actions, shape ``(batch,)``
+    """
+    gaussian = -0.5 * noise.square() - log_std - _HALF_LOG_2PI
     return (gaussian - tanh_log_abs_det_jacobian(gaussian_actions)).sum(dim=-1)
 
 
@@ -49,7 +59,7 @@ def squashed_gaussian_log_prob(gaussian_actions: th.Tensor, mean: th.Tensor, log
     :param log_std: Gaussian log standard deviations, broadcastable to ``(batch, action_dim)``
     :return: log-probabilities of the squashed actions, shape ``(batch,)``
     """
-    return _squashed_log_prob((gaussian_actions - mean) * th.exp(-log_std), gaussian_actions, log_std)
+    return squashed_log_prob_from_noise((gaussian_actions - mean) * th.exp(-log_std), gaussian_actions, log_std)
 
 
 def sample_squashed_gaussian(mean: th.Tensor, log_std: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
@@ -66,7 +76,7 @@ def sample_squashed_gaussian(mean: th.Tensor, log_std: th.Tensor) -> tuple[th.Te
     """
     noise = th.randn_like(mean)
     gaussian_actions = mean + th.exp(log_std) * noise
-    return th.tanh(gaussian_actions), _squashed_log_prob(noise, gaussian_actions, log_std)
+    return th.tanh(gaussian_actions), squashed_log_prob_from_noise(noise, gaussian_actions, log_std)
 
 
 def categorical_probs(logits: th.Tensor) -> tuple[th.Tensor, th.Tensor]:

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as torch_optimizer
 
-from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN, _squashed_log_prob
+from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN, squashed_log_prob_from_noise
 from sb3_softac.losses import (
     CriticReduction,
     actor_loss,
@@ -587,7 +587,9 @@ class UpdateEngine:
         buf.actor_in[batch_size:].copy_(replay_data.next_observations.flatten(1))
         buf.noise[batch_size:].normal_()
         self._actor_forward(bound, buf, first)
-        log_prob = _squashed_log_prob(buf.noise[first:], buf.gaussian_actions[first:], buf.log_std[first:]).unsqueeze(1)
+        log_prob = squashed_log_prob_from_noise(
+            buf.noise[first:], buf.gaussian_actions[first:], buf.log_std[first:]
+        ).unsqueeze(1)
         log_prob_pi, next_log_prob = log_prob[: batch_size - first], log_prob[batch_size - first :]
 
         # Soft Q target from the target critics at the next observations.

@@ -549,8 +549,8 @@ class SACPolicy(BasePolicy):
         self.dropout_rate = dropout_rate
         self.layer_norm = layer_norm
         # The one place that tells continuous from discrete actions: everything below gets explicit sizes.
-        self._discrete_actions = isinstance(action_space, spaces.Discrete)
         n_actions = int(action_space.n) if isinstance(action_space, spaces.Discrete) else None
+        self._discrete_actions = n_actions is not None
         common = dict(
             observation_space=self.observation_space,
             action_space=self.action_space,

@@ -293,11 +293,6 @@ class SAC(OffPolicyAlgorithm):
             supported_action_spaces=(spaces.Box, spaces.Discrete),
             support_multi_env=True,
         )
-        if env is not None and isinstance(self.action_space, spaces.Discrete) and (use_sde or action_noise is not None):
-            raise ValueError(
-                "use_sde and action_noise perturb continuous actions: a Discrete action space explores through "
-                "its categorical policy instead. Remove them."
-            )
         self.target_entropy = target_entropy
         self.ent_coef = ent_coef
         self.target_update_interval = target_update_interval
@@ -317,6 +312,11 @@ class SAC(OffPolicyAlgorithm):
         # Read before the replay buffer and the networks are allocated, so that a bad value fails fast.
         learned, value = _parse_ent_coef(self.ent_coef)
         super()._setup_model()
+        if self.policy.discrete_actions and (self.use_sde or self.action_noise is not None):
+            raise ValueError(
+                "use_sde and action_noise perturb continuous actions: a Discrete action space explores through "
+                "its categorical policy instead. Remove them."
+            )
         self._create_aliases()
         self.target_entropy = _parse_target_entropy(self.target_entropy, self.policy)
         n_critics = self.critic.n_critics

@@ -1,4 +1,5 @@
-"""Helpers shared by the test files: small environments, the one model factory and the one subprocess runner.
+"""Helpers shared by the test files: small environments, the one model factory, comparisons with SB3's SAC,
+archive tools, the learning settings shared with the zoo tests, and the one subprocess runner.
 
 Test files import them with ``from envs import ...`` (``tests/`` is on ``sys.path`` through the ``pythonpath``
 setting of pytest in ``pyproject.toml``). Fixtures live in ``conftest.py``.
@@ -6,23 +7,32 @@ setting of pytest in ``pyproject.toml``). Fixtures live in ``conftest.py``.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
+import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import gymnasium as gym
 import numpy as np
+import stable_baselines3 as sb3
+import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.logger import Logger, configure
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_softac
 from sb3_softac import SAC
+from sb3_softac.checkpoints import state_dict_from_sb3, state_dict_to_sb3
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,12 +78,17 @@ class PointGoalEnv(gym.Env):
 
 
 class VectorBoxEnv(gym.Env):
-    """Random 5-d observations and 3-d actions in [-2, 2]; reward favours actions near 1 in the first dimension."""
+    """Random observations in [-1, 1] and actions in [-2, 2]; reward favours actions near 1 in the first dimension.
 
-    def __init__(self, episode_length: int = 25) -> None:
+    :param episode_length: steps before the episode is truncated
+    :param obs_dim: size of the observations
+    :param action_dim: size of the actions
+    """
+
+    def __init__(self, episode_length: int = 25, obs_dim: int = 5, action_dim: int = 3) -> None:
         super().__init__()
-        self.observation_space = spaces.Box(-1.0, 1.0, (5,), np.float32)
-        self.action_space = spaces.Box(-2.0, 2.0, (3,), np.float32)
+        self.observation_space = spaces.Box(-1.0, 1.0, (obs_dim,), np.float32)
+        self.action_space = spaces.Box(-2.0, 2.0, (action_dim,), np.float32)
         self.episode_length = episode_length
         self._t = 0
 
@@ -105,6 +120,60 @@ def box_observations(n: int = 16, seed: int = 0) -> np.ndarray:
     :return: ``n`` observations of ``VectorBoxEnv``'s space, shape ``(n, 5)``
     """
     return np.random.default_rng(seed).uniform(-1.0, 1.0, (n, 5)).astype(np.float32)
+
+
+class ImageEnv(gym.Env):
+    """36x36 images (the smallest NatureCNN accepts) with a bright left or right half; the task is to name the
+    bright side: reward 1 for the right action (a ``Discrete(2)`` index, or the sign of a ``Box`` action's first
+    entry: negative for left), else 0.
+
+    :param channels: image channels (1: grey, 3: RGB)
+    :param action_space: ``Discrete(2)`` (the default) or a ``Box``
+    :param episode_length: steps before the episode is truncated
+    """
+
+    def __init__(self, channels: int = 1, action_space: spaces.Space | None = None, episode_length: int = 8) -> None:
+        super().__init__()
+        self.observation_space = spaces.Box(0, 255, (36, 36, channels), np.uint8)
+        self.action_space = spaces.Discrete(2) if action_space is None else action_space
+        self.episode_length = episode_length
+        self._side = 0
+        self._t = 0
+
+    def _image(self) -> np.ndarray:
+        image = np.zeros(self.observation_space.shape, np.uint8)  # type: ignore[arg-type]
+        image[:, 18 * self._side : 18 * (self._side + 1)] = 255
+        return image
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self._t = 0
+        self._side = int(self.np_random.integers(2))
+        return self._image(), {}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        named = int(action) if isinstance(self.action_space, spaces.Discrete) else int(action[0] >= 0)
+        reward = float(named == self._side)
+        self._t += 1
+        self._side = int(self.np_random.integers(2))
+        return self._image(), reward, False, self._t >= self.episode_length, {}
+
+
+def episode_return(env: gym.Env, act: Callable[[Any], Any], seed: int | None = None) -> float:
+    """Undiscounted return of one episode.
+
+    :param env: the environment (not vectorised)
+    :param act: observation -> action
+    :param seed: seed of the reset (None: the environment's own sequence)
+    :return: the sum of the rewards until termination or truncation
+    """
+    obs, _ = env.reset(seed=seed)
+    total, done = 0.0, False
+    while not done:
+        obs, reward, terminated, truncated, _ = env.step(act(obs))
+        total += float(reward)
+        done = terminated or truncated
+    return total
 
 
 class ActionSpaceEnv(gym.Env):
@@ -188,6 +257,160 @@ class Recorder(BaseCallback):
         self.learning_rates.append(self.model.actor.optimizer.param_groups[0]["lr"])
         self.critic_learning_rates.append(self.model.critic.optimizer.param_groups[0]["lr"])
         return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Against SB3's SAC: the same weights, minibatch and noise
+
+#: Minibatch size of the comparisons.
+PAIR_BATCH = 64
+
+
+def sb3_pair(env: gym.Env, **kwargs: Any) -> tuple[BaseAlgorithm, BaseAlgorithm]:
+    """``stable_baselines3.SAC`` and ``sb3_softac.SAC`` built alike by :func:`make_sac`, ours with SB3's weights.
+
+    :param env: the environment of both
+    :param kwargs: further constructor arguments of both
+    :return: ``(reference, ours)``
+    """
+    kwargs = dict(learning_starts=0, batch_size=PAIR_BATCH, **kwargs)
+    reference = make_sac(env, algo=sb3.SAC, **kwargs)
+    ours = make_sac(env, **kwargs)
+    ours.policy.load_state_dict(state_dict_from_sb3(reference.policy.state_dict()))
+    return reference, ours
+
+
+def random_batch(env: gym.Env) -> ReplayBufferSamples:
+    """A fixed minibatch of ``PAIR_BATCH`` random transitions in ``env``'s (flat ``Box``) spaces."""
+    generator = th.Generator().manual_seed(1)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]  # type: ignore[index]
+    return ReplayBufferSamples(
+        observations=th.rand(PAIR_BATCH, obs_dim, generator=generator) * 2 - 1,
+        actions=th.rand(PAIR_BATCH, act_dim, generator=generator) * 2 - 1,
+        next_observations=th.rand(PAIR_BATCH, obs_dim, generator=generator) * 2 - 1,
+        dones=(th.rand(PAIR_BATCH, 1, generator=generator) < 0.2).float(),
+        rewards=th.randn(PAIR_BATCH, 1, generator=generator),
+    )
+
+
+def train_on(model: Any, batch: ReplayBufferSamples, n_steps: int = 1) -> dict[str, float]:
+    """``n_steps`` updates of ``model``, each on ``batch``, from a fixed noise seed.
+
+    :return: the logged training statistics
+    """
+    # The same minibatch at every step, however many steps' minibatches are asked for at once.
+    model.replay_buffer.sample = lambda size, env=None: ReplayBufferSamples(
+        *(None if x is None else x.repeat(size // PAIR_BATCH, 1) for x in batch)
+    )
+    model.set_logger(configure(None, []))
+    th.manual_seed(1234)  # both draw their action noise from the global generator, in the same order
+    model.train(gradient_steps=n_steps, batch_size=PAIR_BATCH)
+    return {key: float(value) for key, value in model.logger.name_to_value.items()}
+
+
+def assert_same_parameters(reference: Any, ours: Any, atol: float) -> None:
+    """SB3's parameters and ours (converted to SB3's layout), and the entropy coefficients, agree within ``atol``."""
+    expected = reference.policy.state_dict()
+    converted = state_dict_to_sb3(ours.policy.state_dict())
+    assert converted.keys() == expected.keys()
+    for key, value in expected.items():
+        th.testing.assert_close(converted[key], value, atol=atol, rtol=0.0, msg=lambda m, k=key: f"{k}: {m}")
+    th.testing.assert_close(ours.log_ent_coef, reference.log_ent_coef, atol=atol, rtol=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Archives: tiny trained models to save, and tools that take archives apart
+
+
+def tiny_model(algo: type, env_id: str = "Pendulum-v1", steps: int = 40, **kwargs: Any) -> Any:
+    """A model of ``algo`` (made by :func:`make_sac`) trained for a few steps, so that optimizer states exist."""
+    kwargs.setdefault("policy_kwargs", dict(net_arch=[16]))
+    kwargs = dict(dict(learning_starts=20, batch_size=16, buffer_size=200), **kwargs)
+    return make_sac(gym.make(env_id), algo=algo, **kwargs).learn(steps)
+
+
+def observations(env_id: str = "Pendulum-v1", n: int = 16) -> np.ndarray:
+    """``n`` observations drawn from the space of ``env_id`` (seeded)."""
+    space = gym.make(env_id).observation_space
+    space.seed(3)
+    return np.stack([space.sample() for _ in range(n)])
+
+
+def actions(model: Any, obs: np.ndarray) -> np.ndarray:
+    """The deterministic actions of ``model`` at ``obs``."""
+    return model.predict(obs, deterministic=True)[0]
+
+
+def rewrite_archive(
+    source: Path,
+    destination: Path,
+    edit_data: Callable[[dict[str, Any]], None] | None = None,
+    replace: dict[str, bytes] | None = None,
+    drop: Iterable[str] = (),
+    raw_data: bytes | None = None,
+) -> None:
+    """Copy an archive member by member, editing its ``data`` JSON, replacing or dropping members."""
+    replace = replace or {}
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(destination, "w") as copy:
+        for name in original.namelist():
+            if name in drop:
+                continue
+            content = replace.get(name, original.read(name))
+            if name == "data" and raw_data is not None:
+                content = raw_data
+            elif name == "data" and edit_data is not None:
+                data = json.loads(content)
+                edit_data(data)
+                content = json.dumps(data).encode()
+            copy.writestr(name, content)
+
+
+class WriteMarker:
+    """Unpickling this object creates the file ``path``: a stand-in for code hidden in a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.path),))
+
+
+def plant_payloads(data: dict[str, Any], folder: Path, keys: Iterable[str] | None = None) -> list[Path]:
+    """Replace the pickle of each pickled entry of ``data`` (or of ``keys``) by a :class:`WriteMarker`.
+
+    The readable summary beside each pickle stays as saved: an attacker can write it too, and nothing may trust it
+    to decide what to unpickle.
+
+    :return: the marker files that unpickling the entries would create
+    """
+    markers = []
+    for key, entry in data.items():
+        if not (isinstance(entry, dict) and ":serialized:" in entry) or (keys is not None and key not in keys):
+            continue
+        marker = folder / f"marker_{key}"
+        entry[":serialized:"] = base64.b64encode(cloudpickle.dumps(WriteMarker(marker))).decode()
+        markers.append(marker)
+    assert markers, "nothing to plant a payload in"
+    return markers
+
+
+def pickled_keys(path: Path) -> list[str]:
+    """The entries of an archive's ``data`` that are stored pickled."""
+    with zipfile.ZipFile(path) as archive:
+        data = json.loads(archive.read("data"))
+    return [key for key, entry in data.items() if isinstance(entry, dict) and ":serialized:" in entry]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Learning settings: the entries of sb3_softac/hyperparams/softac.yml that tests/test_learning_discrete.py shows to work
+# (tests/test_zoo.py checks that the file holds them)
+
+DISCRETE_MAX_STEPS = 50_000
+CARTPOLE = dict(learning_starts=1_000, policy_kwargs=dict(net_arch=[64, 64]))
+# Acrobot pays -1 per step until the goal: with the automatic temperature (target entropy 0.89 log 3) the behaviour
+# policy stays close to uniform and seed 0 was still at -500 after 20k steps. A small fixed temperature keeps it
+# near-greedy in the learned Q-values, which finds the goal and solves the task.
+ACROBOT = dict(learning_starts=1_000, learning_rate=1e-3, ent_coef=0.01, policy_kwargs=dict(net_arch=[64, 64]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ import pytest
 import returns
 import sample_efficiency
 import speed
+import stable_baselines3 as sb3
 import yaml
 from scipy import stats
+from torch.utils.flop_counter import FlopCounterMode
 
 import sb3_softac.hyperparams
 
@@ -159,11 +161,8 @@ def test_speed_main_prints_tables(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_speed_flop_floor_against_torch_flop_counter() -> None:
     """The analytic floor plus the work SB3 does on top of it equals torch's matmul FLOP count for one SB3 step."""
-    from stable_baselines3 import SAC
-    from torch.utils.flop_counter import FlopCounterMode
-
     hidden, batch, obs_dim, act_dim = [32, 24], 16, 3, 1
-    model = SAC(
+    model = sb3.SAC(
         "MlpPolicy",
         gym.make("Pendulum-v1"),
         learning_starts=10,

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from envs import ActionSpaceEnv, make_sac
+from envs import ActionSpaceEnv, ImageEnv, make_sac
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import EvalCallback
 from stable_baselines3.common.env_util import make_vec_env
@@ -49,35 +49,6 @@ class VectorDiscreteEnv(gym.Env):
         self._t += 1
         self._obs = self.np_random.uniform(-1.0, 1.0, 2).astype(np.float32)
         return self._obs.copy(), reward, False, self._t >= 10, {}
-
-
-class TinyImageEnv(gym.Env):
-    """36x36 grey images (the smallest NatureCNN accepts) with a bright left or right half; 2 actions, reward 1 for
-    naming the bright side. Episodes last 8 steps."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.observation_space = spaces.Box(0, 255, (36, 36, 1), np.uint8)
-        self.action_space = spaces.Discrete(2)
-        self._side = 0
-        self._t = 0
-
-    def _image(self) -> np.ndarray:
-        image = np.zeros((36, 36, 1), np.uint8)
-        image[:, 18 * self._side : 18 * (self._side + 1)] = 255
-        return image
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        self._t = 0
-        self._side = int(self.np_random.integers(2))
-        return self._image(), {}
-
-    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
-        reward = float(int(action) == self._side)
-        self._t += 1
-        self._side = int(self.np_random.integers(2))
-        return self._image(), reward, False, self._t >= 8, {}
 
 
 class DictDiscreteEnv(gym.Env):
@@ -324,10 +295,10 @@ def test_two_envs_on_cartpole(vec_env_cls: type) -> None:
         env.close()
 
 
-def test_cnn_policy_on_tiny_image_env() -> None:
+def test_cnn_policy_on_image_env() -> None:
     model = SAC(
         "CnnPolicy",
-        TinyImageEnv(),
+        ImageEnv(),
         learning_starts=32,
         batch_size=16,
         buffer_size=500,
@@ -338,7 +309,7 @@ def test_cnn_policy_on_tiny_image_env() -> None:
     assert isinstance(model.critic.features_extractor, NatureCNN)
     model.learn(80)
     assert model._n_updates > 0
-    obs, _ = TinyImageEnv().reset(seed=0)
+    obs, _ = ImageEnv().reset(seed=0)
     action, _ = model.predict(obs, deterministic=True)
     assert model.action_space.contains(action)
     q_values = model.critic.q_values(model.policy.obs_to_tensor(obs)[0])

@@ -11,6 +11,7 @@ from sb3_softac.distributions import (
     categorical_probs,
     sample_squashed_gaussian,
     squashed_gaussian_log_prob,
+    squashed_log_prob_from_noise,
     tanh_log_abs_det_jacobian,
 )
 
@@ -46,6 +47,18 @@ def test_sampled_log_prob_matches_torch_distributions() -> None:
     th.testing.assert_close(
         log_prob.double(), reference_log_prob(gaussian_actions, mean, log_std), atol=1e-5, rtol=1e-5
     )
+
+
+def test_log_prob_from_noise_matches_torch_distributions() -> None:
+    """The form the update engine uses: the standardised noise given, not recomputed from ``u``."""
+    generator = th.Generator().manual_seed(5)
+    mean = th.randn(32, 4, generator=generator, dtype=th.float64) * 2.0
+    log_std = th.rand(32, 4, generator=generator, dtype=th.float64) * 4.0 - 3.0
+    noise = th.randn(32, 4, generator=generator, dtype=th.float64)
+    gaussian_actions = mean + log_std.exp() * noise
+    ours = squashed_log_prob_from_noise(noise, gaussian_actions, log_std)
+    assert ours.shape == (32,)
+    th.testing.assert_close(ours, reference_log_prob(gaussian_actions, mean, log_std), atol=1e-10, rtol=1e-10)
 
 
 def test_sampling_is_reparameterised() -> None:

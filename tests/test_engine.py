@@ -7,12 +7,13 @@ differently ordered sums (~1e-15 relative), so the 1e-6 tolerance leaves room fo
 """
 
 import copy
+from functools import partial
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import stable_baselines3.common.policies as sb3_policies
 import torch as th
+from envs import ActionSpaceEnv, ImageEnv, PointGoalEnv, VectorBoxEnv, make_sac
 from gymnasium import spaces
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.torch_layers import FlattenExtractor
@@ -28,22 +29,8 @@ from sb3_softac.policies import SACPolicy
 
 BATCH = 32
 OBS_DIM = 5
-
-
-class BoxEnv(gym.Env):
-    """Random observations of size ``OBS_DIM`` and actions of size ``action_dim`` in [-2, 2]."""
-
-    def __init__(self, action_dim: int = 3) -> None:
-        super().__init__()
-        self.observation_space = spaces.Box(-1.0, 1.0, (OBS_DIM,), np.float32)
-        self.action_space = spaces.Box(-2.0, 2.0, (action_dim,), np.float32)
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        return self.observation_space.sample(), {}
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
-        return self.observation_space.sample(), -float(np.square(action).sum()), False, False, {}
+# The fallback cases' continuous actions on other observation spaces.
+BOX = spaces.Box(-2.0, 2.0, (3,), np.float32)
 
 
 def _batches(action_dim: int, n_rows: int, seed: int = 1) -> ReplayBufferSamples:
@@ -76,9 +63,9 @@ class _Sampler:
 
 
 def _model(action_dim: int, update_engine: str, **kwargs) -> SAC:
-    kwargs.setdefault("policy_kwargs", {})
-    kwargs["policy_kwargs"] = dict(dict(net_arch=[16, 16]), **kwargs["policy_kwargs"])
-    return SAC("MlpPolicy", BoxEnv(action_dim), learning_starts=0, seed=0, update_engine=update_engine, **kwargs)
+    kwargs["policy_kwargs"] = dict(dict(net_arch=[16, 16]), **kwargs.get("policy_kwargs", {}))
+    env = VectorBoxEnv(obs_dim=OBS_DIM, action_dim=action_dim)
+    return make_sac(env, learning_starts=0, update_engine=update_engine, **kwargs)
 
 
 def _float64(model: SAC) -> SAC:
@@ -402,38 +389,6 @@ def test_gradients_reset_to_none_are_recreated(monkeypatch: pytest.MonkeyPatch) 
 # --------------------------------------------------------------------------------------------------------------
 
 
-class DictBoxEnv(BoxEnv):
-    def __init__(self) -> None:
-        super().__init__()
-        self.observation_space = spaces.Dict({"x": spaces.Box(-1.0, 1.0, (OBS_DIM,), np.float32)})
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
-        super().reset(seed=seed)
-        return self.observation_space.sample(), {}
-
-    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
-        return self.observation_space.sample(), 0.0, False, False, {}
-
-
-class ImageEnv(BoxEnv):
-    def __init__(self) -> None:
-        super().__init__()
-        self.observation_space = spaces.Box(0, 255, (36, 36, 1), np.uint8)
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        return self.observation_space.sample(), {}
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
-        return self.observation_space.sample(), 0.0, False, False, {}
-
-
-class DiscreteEnv(BoxEnv):
-    def __init__(self) -> None:
-        super().__init__()
-        self.action_space = spaces.Discrete(3)
-
-
 class OwnExtractor(FlattenExtractor):
     pass
 
@@ -448,25 +403,31 @@ class OwnGradientStep(SAC):
 
 
 FALLBACKS = {
-    "discrete": (SAC, "MlpPolicy", DiscreteEnv, dict(), "Box"),
-    "dict-observations": (SAC, "MultiInputPolicy", DictBoxEnv, dict(), "policy class"),
-    "images": (SAC, "CnnPolicy", ImageEnv, dict(buffer_size=100), "policy class"),
-    "images-mlp": (SAC, "MlpPolicy", ImageEnv, dict(buffer_size=100), "image"),
-    "gsde": (SAC, "MlpPolicy", BoxEnv, dict(use_sde=True), "gSDE"),
-    "dropout": (SAC, "MlpPolicy", BoxEnv, dict(policy_kwargs=dict(dropout_rate=0.01)), "dropout"),
-    "layer-norm": (SAC, "MlpPolicy", BoxEnv, dict(policy_kwargs=dict(layer_norm=True)), "layer norm"),
-    "elu": (SAC, "MlpPolicy", BoxEnv, dict(policy_kwargs=dict(activation_fn=nn.ELU)), "ELU"),
-    "shared-extractor": (SAC, "MlpPolicy", BoxEnv, dict(policy_kwargs=dict(share_features_extractor=True)), "shared"),
+    "discrete": (SAC, "MlpPolicy", partial(ActionSpaceEnv, spaces.Discrete(3)), dict(), "Box"),
+    "dict-observations": (SAC, "MultiInputPolicy", PointGoalEnv, dict(), "policy class"),
+    "images": (SAC, "CnnPolicy", partial(ImageEnv, action_space=BOX), dict(buffer_size=100), "policy class"),
+    "images-mlp": (SAC, "MlpPolicy", partial(ImageEnv, action_space=BOX), dict(buffer_size=100), "image"),
+    "gsde": (SAC, "MlpPolicy", VectorBoxEnv, dict(use_sde=True), "gSDE"),
+    "dropout": (SAC, "MlpPolicy", VectorBoxEnv, dict(policy_kwargs=dict(dropout_rate=0.01)), "dropout"),
+    "layer-norm": (SAC, "MlpPolicy", VectorBoxEnv, dict(policy_kwargs=dict(layer_norm=True)), "layer norm"),
+    "elu": (SAC, "MlpPolicy", VectorBoxEnv, dict(policy_kwargs=dict(activation_fn=nn.ELU)), "ELU"),
+    "shared-extractor": (
+        SAC,
+        "MlpPolicy",
+        VectorBoxEnv,
+        dict(policy_kwargs=dict(share_features_extractor=True)),
+        "shared",
+    ),
     "own-extractor": (
         SAC,
         "MlpPolicy",
-        BoxEnv,
+        VectorBoxEnv,
         dict(policy_kwargs=dict(features_extractor_class=OwnExtractor)),
         "OwnExtractor",
     ),
-    "own-policy": (SAC, OwnPolicy, BoxEnv, dict(), "OwnPolicy"),
-    "own-gradient-step": (OwnGradientStep, "MlpPolicy", BoxEnv, dict(), "_gradient_step"),
-    "sgd": (SAC, "MlpPolicy", BoxEnv, dict(policy_kwargs=dict(optimizer_class=th.optim.SGD)), "SGD"),
+    "own-policy": (SAC, OwnPolicy, VectorBoxEnv, dict(), "OwnPolicy"),
+    "own-gradient-step": (OwnGradientStep, "MlpPolicy", VectorBoxEnv, dict(), "_gradient_step"),
+    "sgd": (SAC, "MlpPolicy", VectorBoxEnv, dict(policy_kwargs=dict(optimizer_class=th.optim.SGD)), "SGD"),
 }
 
 
@@ -482,23 +443,23 @@ def test_uncovered_configurations_fall_back_to_autograd(case: tuple, capsys: pyt
 
 
 def test_update_path_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
-    model = SAC("MlpPolicy", BoxEnv(), verbose=1, seed=0)
+    model = SAC("MlpPolicy", VectorBoxEnv(), verbose=1, seed=0)
     assert model.update_path == "engine"
     assert "SAC update path: engine" in capsys.readouterr().out
-    SAC("MlpPolicy", BoxEnv(), verbose=0, seed=0)
+    SAC("MlpPolicy", VectorBoxEnv(), verbose=0, seed=0)
     assert "update path" not in capsys.readouterr().out
 
 
 def test_switch_forces_autograd_and_is_validated(capsys: pytest.CaptureFixture[str]) -> None:
-    model = SAC("MlpPolicy", BoxEnv(), update_engine="autograd", verbose=1, seed=0)
+    model = SAC("MlpPolicy", VectorBoxEnv(), update_engine="autograd", verbose=1, seed=0)
     assert model.update_path == "autograd"
     assert "SAC update path: autograd (update_engine='autograd')" in capsys.readouterr().out
     with pytest.raises(ValueError, match="update_engine='fast' is not one of"):
-        SAC("MlpPolicy", BoxEnv(), update_engine="fast")
+        SAC("MlpPolicy", VectorBoxEnv(), update_engine="fast")
 
 
 def test_a_model_changed_after_construction_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = SAC("MlpPolicy", BoxEnv(), learning_starts=0, batch_size=8, seed=0)
+    model = SAC("MlpPolicy", VectorBoxEnv(), learning_starts=0, batch_size=8, seed=0)
     model.critic.optimizer = th.optim.SGD(model.critic.parameters(), lr=1e-3)
     with pytest.warns(UserWarning, match="critic optimizer SGD is not Adam"):
         model.learn(5)
@@ -506,13 +467,13 @@ def test_a_model_changed_after_construction_falls_back(monkeypatch: pytest.Monke
 
 
 def test_save_load_keeps_the_switch_and_old_saves_default_to_auto(tmp_path) -> None:
-    forced = SAC("MlpPolicy", BoxEnv(), update_engine="autograd", seed=0)
+    forced = SAC("MlpPolicy", VectorBoxEnv(), update_engine="autograd", seed=0)
     forced.save(tmp_path / "forced")
     assert SAC.load(tmp_path / "forced").update_path == "autograd"
-    old = SAC("MlpPolicy", BoxEnv(), seed=0)
+    old = SAC("MlpPolicy", VectorBoxEnv(), seed=0)
     del old.update_engine  # a model saved before the switch existed
     old.save(tmp_path / "old")
-    loaded = SAC.load(tmp_path / "old", env=BoxEnv())
+    loaded = SAC.load(tmp_path / "old", env=VectorBoxEnv())
     assert loaded.update_engine == "auto" and loaded.update_path == "engine"
     loaded.learn(150)
     assert loaded._n_updates > 0
@@ -520,7 +481,7 @@ def test_save_load_keeps_the_switch_and_old_saves_default_to_auto(tmp_path) -> N
 
 def test_hooks_send_the_update_to_autograd_until_removed(capsys: pytest.CaptureFixture[str]) -> None:
     """The engine runs no module and no autograd: while a hook is registered, autograd updates the model."""
-    model = SAC("MlpPolicy", BoxEnv(), learning_starts=0, batch_size=8, seed=0, verbose=1)
+    model = SAC("MlpPolicy", VectorBoxEnv(), learning_starts=0, batch_size=8, seed=0, verbose=1)
     model.learn(5)
     assert model.update_path == "engine"
     # The engine runs under inference mode: what it leaves behind must stay usable by autograd and the optimizers.
@@ -558,7 +519,7 @@ def _add_a_parameter_group(model: SAC) -> None:
     ],
 )
 def test_parts_replaced_between_calls_are_noticed(change, reason: str) -> None:  # type: ignore[no-untyped-def]
-    model = SAC("MlpPolicy", BoxEnv(), learning_starts=0, batch_size=8, seed=0)
+    model = SAC("MlpPolicy", VectorBoxEnv(), learning_starts=0, batch_size=8, seed=0)
     model.learn(5)
     assert model.update_path == "engine"
     change(model)

@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import stable_baselines3 as sb3
 import torch as th
-from envs import SMALL_NET, make_sac
+from envs import SMALL_NET, assert_same_parameters, make_sac, random_batch, sb3_pair, train_on
 from stable_baselines3.common.distributions import StateDependentNoiseDistribution
-from test_sb3_equivalence import BATCH, LEARNING_RATE, _assert_same_parameters, _batch, _train_step
 from torch.distributions.transforms import TanhTransform
-
-from sb3_softac.checkpoints import state_dict_from_sb3
 
 
 @pytest.mark.parametrize("use_expln", [False, True])
@@ -56,16 +52,14 @@ def test_gsde_log_prob_matches_sb3_state_dependent_noise(box_env, use_expln: boo
 
 @pytest.mark.parametrize("gradient_steps", [1, 3])
 def test_gsde_update_matches_sb3_exactly_without_its_epsilon(box_env, gradient_steps: int) -> None:
-    kwargs = dict(use_sde=True, learning_starts=0, batch_size=BATCH, learning_rate=LEARNING_RATE)
-    reference, ours = make_sac(box_env, algo=sb3.SAC, **kwargs), make_sac(box_env, **kwargs)
-    ours.policy.load_state_dict(state_dict_from_sb3(reference.policy.state_dict()))
+    reference, ours = sb3_pair(box_env, use_sde=True)
     # SB3's epsilon plays two parts with gSDE: the variance floor (sb3_softac has the same one) and the biased
     # tanh correction (sb3_softac has none); only the second is removed.
     assert reference.actor.action_dist.bijector is not None
     reference.actor.action_dist.bijector.epsilon = 0.0
-    batch = _batch(box_env)
-    expected = _train_step(reference, batch, n_steps=gradient_steps)
-    logged = _train_step(ours, batch, n_steps=gradient_steps)
+    batch = random_batch(box_env)
+    expected = train_on(reference, batch, n_steps=gradient_steps)
+    logged = train_on(ours, batch, n_steps=gradient_steps)
     for key in ("train/critic_loss", "train/actor_loss", "train/ent_coef_loss", "train/ent_coef"):
         assert logged[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
-    _assert_same_parameters(reference, ours, atol=1e-6)
+    assert_same_parameters(reference, ours, atol=1e-6)

@@ -1,43 +1,30 @@
 """sb3_softac.SAC learns a Dict-observation goal task (Pendulum-v1 with the RL Zoo's settings: tests/test_zoo.py)."""
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch as th
-from envs import PointGoalEnv
+from envs import PointGoalEnv, episode_return
 
 from sb3_softac import SAC
 
 th.set_num_threads(1)
 
 
+def _mean_return(env: PointGoalEnv, act: Callable[[Any], Any], n_episodes: int, seed: int) -> float:
+    """Mean return of ``act`` on the same evaluation episodes as evaluate_policy sees."""
+    return float(np.mean([episode_return(env, act, seed + episode) for episode in range(n_episodes)]))
+
+
 def _random_return(n_episodes: int, seed: int) -> float:
-    """Mean return of uniformly random actions on the same evaluation episodes as evaluate_policy sees."""
     env = PointGoalEnv()
     env.action_space.seed(seed)
-    returns = []
-    for episode in range(n_episodes):
-        env.reset(seed=seed + episode)
-        total, done = 0.0, False
-        while not done:
-            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
-            total += reward
-            done = terminated or truncated
-        returns.append(total)
-    return float(np.mean(returns))
+    return _mean_return(env, lambda _: env.action_space.sample(), n_episodes, seed)
 
 
 def _policy_return(model: SAC, n_episodes: int, seed: int) -> float:
-    env = PointGoalEnv()
-    returns = []
-    for episode in range(n_episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        total, done = 0.0, False
-        while not done:
-            action, _ = model.predict(obs, deterministic=True)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += reward
-            done = terminated or truncated
-        returns.append(total)
-    return float(np.mean(returns))
+    return _mean_return(PointGoalEnv(), lambda obs: model.predict(obs, deterministic=True)[0], n_episodes, seed)
 
 
 def test_multi_input_policy_learns_point_goal() -> None:

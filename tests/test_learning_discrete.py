@@ -1,6 +1,7 @@
 """Discrete SAC learns the classic-control tasks (slow: run with ``pytest -m slow tests/test_learning_discrete.py``).
 
-Each test trains on one fixed seed with the settings of ``sb3_softac/hyperparams/softac.yml``, evaluates the
+Each test trains on one fixed seed with the settings of ``sb3_softac/hyperparams/softac.yml`` (restated in
+``tests/envs.py``; ``tests/test_zoo.py`` checks that the two agree), evaluates the
 deterministic policy on 10 episodes every 5k steps and stops as soon as the mean return reaches the threshold; it fails
 if that never happens within 50k environment steps.
 """
@@ -17,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import gymnasium as gym
 import pytest
 import torch as th
+from envs import ACROBOT, CARTPOLE, DISCRETE_MAX_STEPS
 from stable_baselines3.common.callbacks import EvalCallback, StopTrainingOnRewardThreshold
 from stable_baselines3.common.monitor import Monitor
 
@@ -24,15 +26,7 @@ from sb3_softac import SAC
 
 th.set_num_threads(1)
 
-MAX_STEPS = 50_000
 EVAL_EVERY = 5_000
-
-# The entries of sb3_softac/hyperparams/softac.yml for these environments (keep both in sync).
-CARTPOLE = dict(learning_starts=1_000, policy_kwargs=dict(net_arch=[64, 64]))
-# Acrobot pays -1 per step until the goal: with the automatic temperature (target entropy 0.89 log 3) the behaviour
-# policy stays close to uniform and seed 0 was still at -500 after 20k steps. A small fixed temperature keeps it
-# near-greedy in the learned Q-values, which finds the goal and solves the task.
-ACROBOT = dict(learning_starts=1_000, learning_rate=1e-3, ent_coef=0.01, policy_kwargs=dict(net_arch=[64, 64]))
 
 
 def train_until(env_id: str, threshold: float, seed: int, **kwargs: Any) -> tuple[float, int, float]:
@@ -53,7 +47,7 @@ def train_until(env_id: str, threshold: float, seed: int, **kwargs: Any) -> tupl
         deterministic=True,
         verbose=0,
     )
-    model.learn(MAX_STEPS, callback=evaluation)
+    model.learn(DISCRETE_MAX_STEPS, callback=evaluation)
     return float(evaluation.best_mean_reward), int(model.num_timesteps), time.perf_counter() - start
 
 

@@ -14,7 +14,7 @@ import pytest
 import sb3_contrib
 import stable_baselines3 as sb3
 import torch as th
-from archives import actions, observations, rewrite_archive, tiny_model
+from envs import actions, observations, rewrite_archive, tiny_model
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
 

@@ -178,9 +178,11 @@ def _count_ops() -> Iterator[Counter[str]]:
         yield counts
 
 
-def test_no_host_sync_per_gradient_step() -> None:
-    """Reading a device value on the host (``item``, ``bool``, ``.cpu()``) happens once per call, not per step."""
-    model = _model()
+@pytest.mark.parametrize("path", PATHS)
+def test_no_host_sync_per_gradient_step(path: str) -> None:
+    """Reading a device value on the host (``item``, ``bool``, ``.cpu()``) happens once per call, not per step, on
+    both update paths (``_model`` checks that the model takes ``path``)."""
+    model = _model(path=path)
     with _count_ops() as few:
         model.train(1, 32)
     with _count_ops() as many:

@@ -2,10 +2,9 @@
 
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import pytest
-from envs import PointGoalEnv, VectorBoxEnv, make_sac
+from envs import ImageEnv, PointGoalEnv, VectorBoxEnv, make_sac
 from gymnasium import spaces
 from stable_baselines3.common.env_checker import check_env
 from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
@@ -25,32 +24,14 @@ def test_check_env_passes_and_model_trains(env_cls) -> None:
     assert model._n_updates == 70
 
 
-class _ImageEnv(gym.Env):
-    """Random 36x36 RGB images (the smallest NatureCNN accepts), Box actions, 10-step episodes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.observation_space = spaces.Box(0, 255, (36, 36, 3), np.uint8)
-        self.action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
-        self._t = 0
-
-    def _obs(self) -> np.ndarray:
-        return self.np_random.integers(0, 256, (36, 36, 3), dtype=np.uint8)
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        self._t = 0
-        return self._obs(), {}
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
-        self._t += 1
-        return self._obs(), float(-np.sum(action**2)), False, self._t >= 10, {}
+def _image_env() -> ImageEnv:
+    return ImageEnv(channels=3, action_space=spaces.Box(-1.0, 1.0, (2,), np.float32))
 
 
 def _cnn_model(**policy_kwargs: Any) -> SAC:
     policy_kwargs = dict(net_arch=[16], features_extractor_kwargs=dict(features_dim=16), **policy_kwargs)
     return make_sac(
-        _ImageEnv(), "CnnPolicy", buffer_size=200, learning_starts=20, batch_size=8, policy_kwargs=policy_kwargs
+        _image_env(), "CnnPolicy", buffer_size=200, learning_starts=20, batch_size=8, policy_kwargs=policy_kwargs
     )
 
 
@@ -77,7 +58,7 @@ def test_cnn_policy_on_images() -> None:
     buffer = model.replay_buffer
     assert buffer.observations.dtype == np.uint8
     assert buffer.observations.shape[1:] == (1, 3, 36, 36)  # channel-first after VecTransposeImage
-    action, _ = model.predict(_ImageEnv().observation_space.sample(), deterministic=True)
+    action, _ = model.predict(_image_env().observation_space.sample(), deterministic=True)
     assert action.shape == (2,)
     assert np.all(np.abs(action) <= 1.0)
 

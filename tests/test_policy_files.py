@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import stable_baselines3 as sb3
 import torch as th
-from archives import observations, tiny_model
+from envs import observations, tiny_model
 
 from sb3_softac import SAC, MlpPolicy
 from sb3_softac.policies import SACPolicy

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch as th
-from envs import VectorBoxEnv, box_observations, make_sac
+from envs import VectorBoxEnv, box_observations, episode_return, make_sac
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.monitor import Monitor
 
@@ -75,16 +75,7 @@ def test_evaluate_policy_matches_a_hand_rollout(trained_box_model) -> None:
     # VectorBoxEnv draws its observations from its observation space: re-seeding replays them.
     env = VectorBoxEnv()
     env.observation_space.seed(123)
-    expected = []
-    for _ in range(3):
-        obs, _ = env.reset()
-        total, done = 0.0, False
-        while not done:
-            action, _ = model.predict(obs, deterministic=True)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += reward
-            done = terminated or truncated
-        expected.append(total)
+    expected = [episode_return(env, lambda obs: model.predict(obs, deterministic=True)[0]) for _ in range(3)]
     np.testing.assert_allclose(returns, expected, rtol=1e-5)
 
     mean, std = evaluate_policy(model, Monitor(VectorBoxEnv()), n_eval_episodes=4, deterministic=False)

@@ -31,6 +31,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from envs import make_sac
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.save_util import load_from_pkl
@@ -57,7 +58,7 @@ def _vec_env() -> DummyVecEnv:
 
 
 def _new_model() -> SAC:
-    return SAC("MlpPolicy", VecNormalize(_vec_env()), seed=SEED, **KWARGS)
+    return make_sac(VecNormalize(_vec_env()), seed=SEED, **KWARGS)
 
 
 def _snapshot(model: SAC) -> dict[str, Any]:

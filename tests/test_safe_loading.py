@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import stable_baselines3 as sb3
 import torch as th
-from archives import actions, observations, pickled_keys, plant_payloads, rewrite_archive, tiny_model
+from envs import actions, observations, pickled_keys, plant_payloads, rewrite_archive, tiny_model
 from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 
 from sb3_softac import SAC, MlpPolicy

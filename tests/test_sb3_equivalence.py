@@ -8,86 +8,45 @@ per action dimension, which moves the losses by ~1e-5 (relative) and the updated
 
 import numpy as np
 import pytest
-import stable_baselines3 as sb3
 import torch as th
-from envs import make_sac
-from stable_baselines3.common.logger import configure
-from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from envs import assert_same_parameters, random_batch, sb3_pair, train_on
 
-from sb3_softac.checkpoints import state_dict_from_sb3, state_dict_to_sb3
-
-BATCH = 64
-LEARNING_RATE = 3e-4
+from sb3_softac.checkpoints import state_dict_to_sb3
 
 
 def _pair(env, **kwargs):
-    kwargs = dict(learning_starts=0, batch_size=BATCH, learning_rate=LEARNING_RATE, **kwargs)
-    reference = make_sac(env, algo=sb3.SAC, **kwargs)
-    ours = make_sac(env, **kwargs)
-    ours.policy.load_state_dict(state_dict_from_sb3(reference.policy.state_dict()))
+    reference, ours = sb3_pair(env, **kwargs)
     assert ours.update_path == "engine"  # these tests check the autograd-free update engine against SB3
     return reference, ours
-
-
-def _batch(env) -> ReplayBufferSamples:
-    generator = th.Generator().manual_seed(1)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    return ReplayBufferSamples(
-        observations=th.rand(BATCH, obs_dim, generator=generator) * 2 - 1,
-        actions=th.rand(BATCH, act_dim, generator=generator) * 2 - 1,
-        next_observations=th.rand(BATCH, obs_dim, generator=generator) * 2 - 1,
-        dones=(th.rand(BATCH, 1, generator=generator) < 0.2).float(),
-        rewards=th.randn(BATCH, 1, generator=generator),
-    )
-
-
-def _train_step(model, batch: ReplayBufferSamples, n_steps: int = 1) -> dict[str, float]:
-    # The same minibatch at every step, however many steps' minibatches are asked for at once.
-    model.replay_buffer.sample = lambda size, env=None: ReplayBufferSamples(
-        *(None if x is None else x.repeat(size // BATCH, 1) for x in batch)
-    )
-    model.set_logger(configure(None, []))
-    th.manual_seed(1234)  # both draw their action noise from the global generator, in the same order
-    model.train(gradient_steps=n_steps, batch_size=BATCH)
-    return {key: float(value) for key, value in model.logger.name_to_value.items()}
-
-
-def _assert_same_parameters(reference, ours, atol: float) -> None:
-    expected = reference.policy.state_dict()
-    converted = state_dict_to_sb3(ours.policy.state_dict())
-    assert converted.keys() == expected.keys()
-    for key, value in expected.items():
-        th.testing.assert_close(converted[key], value, atol=atol, rtol=0.0, msg=lambda m, k=key: f"{k}: {m}")
-    th.testing.assert_close(ours.log_ent_coef, reference.log_ent_coef, atol=atol, rtol=0.0)
 
 
 @pytest.mark.parametrize("n_critics", [1, 2, 3])
 def test_one_update_matches_sb3_exactly_without_its_epsilon(box_env, n_critics: int) -> None:
     reference, ours = _pair(box_env, policy_kwargs=dict(net_arch=[32, 32], n_critics=n_critics))
     reference.actor.action_dist.epsilon = 0.0
-    batch = _batch(box_env)
-    expected, logged = _train_step(reference, batch, n_steps=3), _train_step(ours, batch, n_steps=3)
+    batch = random_batch(box_env)
+    expected, logged = train_on(reference, batch, n_steps=3), train_on(ours, batch, n_steps=3)
     for key in ("train/critic_loss", "train/actor_loss", "train/ent_coef_loss", "train/ent_coef"):
         assert logged[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
     # Three Adam steps from the same state: equal to float32 rounding, far below one step (3e-4).
-    _assert_same_parameters(reference, ours, atol=1e-6)
+    assert_same_parameters(reference, ours, atol=1e-6)
 
 
 def test_updates_match_sb3_up_to_its_epsilon(box_env) -> None:
     reference, ours = _pair(box_env)
-    batch = _batch(box_env)
-    expected, logged = _train_step(reference, batch, n_steps=3), _train_step(ours, batch, n_steps=3)
+    batch = random_batch(box_env)
+    expected, logged = train_on(reference, batch, n_steps=3), train_on(ours, batch, n_steps=3)
     # Measured: the losses differ by ~1e-5 relative and the parameters by ~3e-8 after one step.
     for key in ("train/critic_loss", "train/actor_loss", "train/ent_coef_loss", "train/ent_coef"):
         assert logged[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), key
-    _assert_same_parameters(reference, ours, atol=1e-6)
+    assert_same_parameters(reference, ours, atol=1e-6)
 
 
 def test_fixed_ent_coef_update_matches_sb3(box_env) -> None:
     reference, ours = _pair(box_env, ent_coef=0.1)
     reference.actor.action_dist.epsilon = 0.0
-    batch = _batch(box_env)
-    expected, logged = _train_step(reference, batch), _train_step(ours, batch)
+    batch = random_batch(box_env)
+    expected, logged = train_on(reference, batch), train_on(ours, batch)
     assert logged["train/critic_loss"] == pytest.approx(expected["train/critic_loss"], rel=1e-5)
     assert logged["train/actor_loss"] == pytest.approx(expected["train/actor_loss"], rel=1e-5)
     assert "train/ent_coef_loss" not in logged

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch as th
 import yaml
-from envs import REPO_ROOT, run_python
+from envs import ACROBOT, CARTPOLE, DISCRETE_MAX_STEPS, REPO_ROOT, run_python
 
 pytest.importorskip("rl_zoo3", reason="the zoo integration needs rl_zoo3 (pip install 'sb3_softac[zoo]')")
 
@@ -313,10 +313,8 @@ def test_mujoco_v5_mirrors_v4() -> None:
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1"])
 def test_zoo_entries_are_the_learning_test_settings(env_id: str) -> None:
     """softac.yml holds the settings that tests/test_learning_discrete.py shows to work."""
-    from test_learning_discrete import ACROBOT, CARTPOLE, MAX_STEPS
-
     entry = dict(packaged("softac.yml")[env_id])
-    assert entry.pop("policy") == "MlpPolicy" and entry.pop("n_timesteps") == MAX_STEPS
+    assert entry.pop("policy") == "MlpPolicy" and entry.pop("n_timesteps") == DISCRETE_MAX_STEPS
     entry["policy_kwargs"] = eval(entry["policy_kwargs"], {"dict": dict})
     assert entry == {"CartPole-v1": CARTPOLE, "Acrobot-v1": ACROBOT}[env_id]
 

@@ -422,7 +422,6 @@ class _Buffers:
         rows = 2 * batch_size  # the actor runs on observations and next observations in one pass
         self.actor_in = empty(rows, obs_dim)
         self.actor_hidden = [empty(rows, layer.weight.shape[0]) for layer in bound.actor_hidden]
-        self.actor_hidden_grad = [empty(batch_size, layer.weight.shape[0]) for layer in bound.actor_hidden]
         self.mean = empty(rows, action_dim)
         self.log_std_raw = empty(rows, action_dim)
         self.log_std = empty(rows, action_dim)
@@ -436,6 +435,14 @@ class _Buffers:
         self.actor_critic_in = empty(batch_size, obs_dim + action_dim)
         self.critic_hidden = [empty(n_critics, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
         self.critic_hidden_grad = [empty(n_critics, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
+        # The actor's backward pass comes after the last read of the critics' activations: where the shapes match
+        # (the same net_arch), its gradients take their memory, for a smaller working set.
+        self.actor_hidden_grad = [
+            self.critic_hidden[i][0]
+            if i < len(self.critic_hidden) and self.critic_hidden[i].shape[1:] == (batch_size, layer.weight.shape[0])
+            else empty(batch_size, layer.weight.shape[0])
+            for i, layer in enumerate(bound.actor_hidden)
+        ]
         self.q = empty(n_critics, batch_size, 1)
         self.q_grad = empty(n_critics, batch_size, 1)
         # The target critics that one target evaluates: all of them, or REDQ's subset, whose weights are gathered

@@ -16,9 +16,10 @@ writes the gradients into each parameter's ``.grad``, then steps the model's own
 on their own state), so that in-place edits, ``set_parameters``, learning-rate schedules and optimizer state dicts
 stay what they are. It obeys the non-finite guard of :mod:`sb3_softac.nonfinite` as the autograd update does.
 
-The step makes no host synchronisation and keeps static shapes for a given batch size, so one step could be
-captured in a CUDA graph (after copying each minibatch into static input tensors); that capture has not been
-built or tested.
+Off the CPU the step makes no host synchronisation and keeps static shapes for a given batch size, so one step
+could be captured in a CUDA graph (after copying each minibatch into static input tensors); that capture has not
+been built or tested. On the CPU, where reading a tensor on the host is free, the actor's "min" backward groups the
+batch's rows by critic with group sizes read on the host (see :func:`_counts_on_host`).
 """
 
 from __future__ import annotations

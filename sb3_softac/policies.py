@@ -34,6 +34,7 @@ from sb3_softac.distributions import (
     LOG_STD_MIN,
     SquashedDiagGaussianDistribution,
     categorical_probs,
+    sample_squashed_action,
     sample_squashed_gaussian,
     squashed_gaussian_log_prob,
 )
@@ -250,6 +251,8 @@ class Actor(SACActor):
         """Squashed actions in ``[-1, 1]``: ``tanh(mean)`` when deterministic, else a sample."""
         if deterministic:
             return th.tanh(self.get_action_dist_params(obs)[0])
+        if not self.use_sde:
+            return sample_squashed_action(*self.get_action_dist_params(obs)[:2])
         return self.action_log_prob(obs)[0]
 
     def action_log_prob(self, obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:

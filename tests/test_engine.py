@@ -94,6 +94,12 @@ def _train(model: SAC, pool: ReplayBufferSamples, gradient_steps: int) -> dict[s
     return dict(model.logger.name_to_value)
 
 
+def _train_both(engine: SAC, reference: SAC, pool: ReplayBufferSamples, gradient_steps: int) -> None:
+    """The same ``train`` call on the engine model and on its autograd reference, from the same minibatches."""
+    _train(engine, pool, gradient_steps)
+    _train(reference, pool, gradient_steps)
+
+
 def _assert_relative(actual: th.Tensor, expected: th.Tensor, name: str, rel: float = 1e-6) -> None:
     """``max|actual - expected| <= rel * max|expected|``: relative to the tensor's scale, not elementwise."""
     scale = float(expected.detach().abs().max())
@@ -267,8 +273,7 @@ def test_log_std_clamp_stops_the_gradient_outside_its_bounds(monkeypatch: pytest
             model.actor.log_std.weight.zero_()
             model.actor.log_std.bias.copy_(raw)
     pool = _batches(6, BATCH)
-    _train(engine, pool, 1)
-    _train(reference, pool, 1)
+    _train_both(engine, reference, pool, 1)
     _assert_same_update(engine, reference)
     gradient = engine.actor.log_std.bias.grad
     assert gradient is not None
@@ -330,8 +335,7 @@ def test_min_ties_route_to_the_first_critic(monkeypatch: pytest.MonkeyPatch, n_c
             q_values = policy_q_values(model)
             with th.no_grad():
                 model.critic.q_networks.layers[-1].bias[1] -= (q_values[1] - q_values[0]).median()
-    _train(engine, pool, 2)
-    _train(reference, pool, 2)
+    _train_both(engine, reference, pool, 2)
     _assert_same_update(engine, reference)
     for parameter in engine.critic.parameters():
         assert th.equal(parameter[0], parameter[-1])  # still tied after the updates
@@ -346,8 +350,7 @@ def test_min_backward_without_host_counts_matches_autograd(monkeypatch: pytest.M
     monkeypatch.setattr(sb3_softac.engine, "_counts_on_host", lambda device: False)
     engine, reference = _pair(monkeypatch, 2, **CONFIGURATIONS[config])
     pool = _batches(2, 2 * BATCH)
-    _train(engine, pool, 2)
-    _train(reference, pool, 2)
+    _train_both(engine, reference, pool, 2)
     _assert_same_update(engine, reference)
 
 
@@ -355,8 +358,7 @@ def test_engine_reads_live_parameters_and_learning_rate(monkeypatch: pytest.Monk
     """In-place edits, set_parameters and a new lr_schedule between calls reach the engine's next update."""
     engine, reference = _pair(monkeypatch, 2)
     pool = _batches(2, 4 * BATCH)
-    _train(engine, pool, 1)
-    _train(reference, pool, 1)
+    _train_both(engine, reference, pool, 1)
     # set_parameters copies into the existing tensors; an in-place edit changes them directly.
     parameters = reference.get_parameters()
     parameters["policy"]["actor.mu.weight"] = parameters["policy"]["actor.mu.weight"] * 0.5
@@ -366,8 +368,7 @@ def test_engine_reads_live_parameters_and_learning_rate(monkeypatch: pytest.Monk
         with th.no_grad():
             model.critic.q_networks.layers[0].weight[0].mul_(-1.0)
         model.lr_schedule = lambda _: 1e-2
-    _train(engine, pool, 1)
-    _train(reference, pool, 1)
+    _train_both(engine, reference, pool, 1)
     assert engine.actor.optimizer.param_groups[0]["lr"] == 1e-2
     _assert_same_update(engine, reference)
 
@@ -375,12 +376,10 @@ def test_engine_reads_live_parameters_and_learning_rate(monkeypatch: pytest.Monk
 def test_gradients_reset_to_none_are_recreated(monkeypatch: pytest.MonkeyPatch) -> None:
     engine, reference = _pair(monkeypatch, 2)
     pool = _batches(2, 2 * BATCH)
-    _train(engine, pool, 1)
-    _train(reference, pool, 1)
+    _train_both(engine, reference, pool, 1)
     engine.actor.optimizer.zero_grad(set_to_none=True)
     engine.critic.optimizer.zero_grad(set_to_none=True)
-    _train(engine, pool, 1)
-    _train(reference, pool, 1)
+    _train_both(engine, reference, pool, 1)
     _assert_same_update(engine, reference)
 
 
@@ -531,14 +530,12 @@ def test_parts_replaced_between_calls_are_noticed(change, reason: str) -> None: 
 def test_a_new_optimizer_between_calls_is_the_one_stepped(monkeypatch: pytest.MonkeyPatch) -> None:
     engine, reference = _pair(monkeypatch, 2)
     pool = _batches(2, 2 * BATCH)
-    _train(engine, pool, 1)
-    _train(reference, pool, 1)
+    _train_both(engine, reference, pool, 1)
     for model in (engine, reference):
         model.critic.optimizer = th.optim.Adam(model.critic.parameters(), lr=0.05, fused=True)
         model.qf_learning_rate = 0.05
         model.qf_lr_schedule = lambda _: 0.05
-    _train(engine, pool, 2)
-    _train(reference, pool, 2)
+    _train_both(engine, reference, pool, 2)
     assert engine.update_path == "engine"
     assert engine.critic.optimizer.state_dict()["state"][0]["step"] == 2
     _assert_same_update(engine, reference)

@@ -20,7 +20,14 @@ from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name
 from torch import nn
 
 from sb3_softac import archives, checkpoints, files
-from sb3_softac.engine import MINIBATCHES_PER_DRAW, UPDATE_ENGINES, UpdateEngine, minibatch, unsupported_reason
+from sb3_softac.engine import (
+    MINIBATCHES_PER_DRAW,
+    UPDATE_ENGINES,
+    UpdateEngine,
+    denormals_flushed,
+    minibatch,
+    unsupported_reason,
+)
 from sb3_softac.losses import (
     CRITIC_REDUCTIONS,
     CriticReduction,
@@ -401,7 +408,8 @@ class SAC(OffPolicyAlgorithm):
         if self.update_engine == "auto":
             self._refresh_update_path()
         if self.update_path == "engine":
-            self._engine_steps(gradient_steps, batch_size, critic_stats, actor_stats, actor_steps)
+            with denormals_flushed():
+                self._engine_steps(gradient_steps, batch_size, critic_stats, actor_stats, actor_steps)
         else:
             for step in range(gradient_steps):
                 replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]

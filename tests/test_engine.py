@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import stable_baselines3.common.policies as sb3_policies
 import torch as th
-from envs import ActionSpaceEnv, ImageEnv, PointGoalEnv, VectorBoxEnv, make_sac
+from envs import ActionSpaceEnv, ImageEnv, PointGoalEnv, VectorBoxEnv, filled_sac, make_sac
 from gymnasium import spaces
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.torch_layers import FlattenExtractor
@@ -539,3 +539,45 @@ def test_a_new_optimizer_between_calls_is_the_one_stepped(monkeypatch: pytest.Mo
     assert engine.update_path == "engine"
     assert engine.critic.optimizer.state_dict()["state"][0]["step"] == 2
     _assert_same_update(engine, reference)
+
+
+def _subnormal_times_one() -> float:
+    """A float32 subnormal (below 1.2e-38) times one: itself normally, zero where subnormals are flushed."""
+    return th.mul(th.tensor(1e-40, dtype=th.float32), 1.0).item()
+
+
+@pytest.mark.parametrize("flushing_before", [False, True], ids=["mode-off", "mode-on"])
+def test_engine_steps_flush_subnormals_and_restore_the_threads_mode(
+    monkeypatch: pytest.MonkeyPatch, flushing_before: bool
+) -> None:
+    """Decayed Adam moments must not run in microcode (see ``denormals_flushed``); the caller's mode is kept."""
+    model = filled_sac(100)
+    seen: list[float] = []
+    gradient_step = sb3_softac.engine.UpdateEngine.gradient_step
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(_subnormal_times_one())
+        return gradient_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(sb3_softac.engine.UpdateEngine, "gradient_step", spy)
+    th.set_flush_denormal(flushing_before)
+    try:
+        model.train(gradient_steps=3, batch_size=16)
+        after = _subnormal_times_one()
+    finally:
+        th.set_flush_denormal(False)
+    assert model.update_path == "engine"
+    assert seen == [0.0, 0.0, 0.0]
+    assert (after == 0.0) == flushing_before
+    # The autograd update is left as it was: it does not flush.
+    reference = filled_sac(100, update_engine="autograd")
+    flushed_in_autograd: list[float] = []
+    optimize = SAC._optimize
+
+    def spy_autograd(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        flushed_in_autograd.append(_subnormal_times_one())
+        return optimize(self, *args, **kwargs)
+
+    monkeypatch.setattr(SAC, "_optimize", spy_autograd)
+    reference.train(gradient_steps=1, batch_size=16)
+    assert flushed_in_autograd and all(value != 0.0 for value in flushed_in_autograd)

@@ -24,6 +24,7 @@ batch's rows by critic with group sizes read on the host (see :func:`_counts_on_
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -168,14 +169,16 @@ class _Snapshot:
     """What the engine is bound to, by identity: when any of it is replaced, coverage is checked again.
 
     The objects the update reads (policy, networks, optimizers, temperature), every module's parameters and
-    children, and every optimizer's parameter groups. Comparing identities costs a few microseconds, where the full
-    :func:`unsupported_reason` costs about a hundred at every ``train`` call.
+    children, every optimizer's parameter groups, and where each parameter's data lives (the engine keeps views of
+    it: a parameter given new memory, ``p.data = ...``, binds it again). Comparing identities costs a few
+    microseconds, where the full :func:`unsupported_reason` costs about a hundred at every ``train`` call.
     """
 
     def __init__(self, model: SAC) -> None:
         self.objects = self._objects(model)
         self.modules = list(model.policy.modules())
         self.parameters = _trained_parameters(model)
+        self.data = [(parameter, parameter.data_ptr()) for parameter in self.parameters]
         containers: list[Mapping[str, object]] = [module._parameters for module in self.modules]
         containers += [module._modules for module in self.modules]
         lists: list[Sequence[object]] = []
@@ -207,12 +210,22 @@ class _Snapshot:
             all(a is b for a, b in zip(self._objects(model), self.objects, strict=True))
             and all(len(container) == size for container, size in self.sizes)
             and all(container.get(key) is value for container, key, value in self.entries)
+            and all(parameter.data_ptr() == address for parameter, address in self.data)
         )
 
 
+#: The smallest positive subnormal double, made from its bits rather than parsed (parsing may itself flush it).
+_SUBNORMAL = struct.unpack("<d", struct.pack("<Q", 1))[0]
+
+
 def _flushing_denormals() -> bool:
-    """Whether this thread flushes subnormal floats to zero (a subnormal float32 times one comes out zero)."""
-    return th.mul(th.tensor(1e-40), 1.0).item() == 0.0
+    """Whether this thread flushes subnormal floats to zero.
+
+    ``torch.set_flush_denormal`` sets the thread's floating-point control register, which Python's own float
+    arithmetic obeys too: a subnormal times one then comes out zero. PyTorch has no getter, and a probe on a tensor
+    would read a value back to the host.
+    """
+    return _SUBNORMAL * 1.0 == 0.0
 
 
 @contextmanager
@@ -259,12 +272,28 @@ def _sac_class() -> type[SAC]:
 
 @dataclass
 class _Linear:
-    """Live references to one affine layer's parameters and their gradient tensors."""
+    """Live references to one affine layer's parameters and their gradient tensors, with views of them made once.
+
+    Making a view costs about a microsecond at each step. These views share the parameters' memory, so they see
+    in-place edits; a parameter given new memory makes :class:`_Snapshot` bind the engine again.
+    """
 
     weight: th.Tensor
     bias: th.Tensor
     grad_weight: th.Tensor
     grad_bias: th.Tensor
+    #: The weight with its last two dimensions swapped.
+    weight_t: th.Tensor = field(init=False)
+    #: An ensemble head's ``(n, hidden, 1)`` weight as one ``(hidden,)`` column per critic, and its gradient's.
+    columns: list[th.Tensor] = field(init=False)
+    grad_columns: list[th.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        with th.no_grad():
+            self.weight_t = self.weight.transpose(-2, -1)
+            head = self.weight.dim() == 3 and self.weight.shape[2] == 1
+            self.columns = [member[:, 0] for member in self.weight] if head else []
+            self.grad_columns = [member[:, 0] for member in self.grad_weight] if head else []
 
 
 def _with_grad(parameter: th.Tensor) -> th.Tensor:
@@ -278,9 +307,16 @@ def _linear(weight: th.Tensor, bias: th.Tensor) -> _Linear:
     return _Linear(weight, bias, _with_grad(weight), _with_grad(bias))
 
 
-# Per parameter group: parameters, gradients, first and second moments, max second moments (amsgrad), steps.
+# Per parameter group: parameters, gradients, first and second moments, max second moments (amsgrad), steps, and
+# each step's increment.
 _AdamTensors = tuple[
-    list[th.Tensor], list[th.Tensor], list[th.Tensor], list[th.Tensor], list[th.Tensor], list[th.Tensor]
+    list[th.Tensor],
+    list[th.Tensor],
+    list[th.Tensor],
+    list[th.Tensor],
+    list[th.Tensor],
+    list[th.Tensor],
+    list[th.Tensor],
 ]
 
 
@@ -297,8 +333,11 @@ class _AdamStep:
     def __init__(self, optimizer: th.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self._tensors: list[_AdamTensors] | None = None
+        # 1 - flag: a step's increment of the step counts, 0 when the kernel skips it.
+        self._increment = th.empty(())
+        self._one = th.ones(())
 
-    def _collect(self) -> list[_AdamTensors] | None:
+    def _collect(self, flag: th.Tensor) -> list[_AdamTensors] | None:
         optimizer = self.optimizer
         if (
             getattr(optimizer, "grad_scale", None) is not None
@@ -308,6 +347,8 @@ class _AdamStep:
             or torch_optimizer._global_optimizer_post_hooks
         ):
             return None
+        self._increment = th.empty((), dtype=flag.dtype, device=flag.device)
+        self._one = th.ones((), dtype=flag.dtype, device=flag.device)
         tensors: list[_AdamTensors] = []
         for group in optimizer.param_groups:
             if not group.get("fused") or group["differentiable"]:
@@ -323,6 +364,7 @@ class _AdamStep:
                     [state["exp_avg_sq"] for state in states],
                     [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
                     [state["step"] for state in states],
+                    [self._increment] * len(states),
                 )
             )
         return tensors
@@ -339,17 +381,19 @@ class _AdamStep:
         """
         flag_nonfinite(flag, [loss], self.optimizer)
         if self._tensors is None:
-            self._tensors = self._collect()
+            self._tensors = self._collect(flag)
             if self._tensors is None:
                 # Outside inference mode: a first step creates the optimizer's state, which the autograd update
                 # (after a fallback) must be able to update in place.
                 with th.inference_mode(False):
                     guarded_step(self.optimizer, flag)
                 return
-        for group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in zip(
+        th.sub(self._one, flag, out=self._increment)
+        for group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, increments) in zip(
             self.optimizer.param_groups, self._tensors, strict=True
         ):
-            th._foreach_add_(steps, 1)
+            # As Optimizer.step does with found_inf: a skipped step does not count.
+            th._foreach_add_(steps, increments)
             decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, th.optim.AdamW))
             kernel = th._fused_adamw_ if decoupled else th._fused_adam_
             beta1, beta2 = group["betas"]
@@ -370,8 +414,6 @@ class _AdamStep:
                 grad_scale=None,
                 found_inf=flag,
             )
-            # As Optimizer.step does with found_inf: a skipped step does not count.
-            th._foreach_sub_(steps, [flag] * len(steps))
 
 
 @dataclass
@@ -438,8 +480,44 @@ class _Bound:
         return all(p.grad is g for p, g in self.grads)
 
 
+class _Rows:
+    """Views of the actor's buffers for some of their rows: its forward pass writes them, its backward reads them."""
+
+    def __init__(self, buf: _Buffers, rows: slice) -> None:
+        self.actor_in = buf.actor_in[rows]
+        self.hidden = [hidden[rows] for hidden in buf.actor_hidden]
+        self.mean = buf.mean[rows]
+        self.log_std_raw = buf.log_std_raw[rows]
+        self.log_std = buf.log_std[rows]
+        self.std = buf.std[rows]
+        self.noise = buf.noise[rows]
+        self.gaussian_actions = buf.gaussian_actions[rows]
+        self.actions = buf.actions[rows]
+
+
+class _CriticPass:
+    """One evaluation of an ensemble on one ``(batch, obs + action)`` input, and views of its tensors.
+
+    :param x: the input, whose observation and action columns are filled before the pass
+    :param hidden: each hidden layer's activations, ``(members, batch, width)``
+    :param q: the values, ``(members, batch, 1)``
+    """
+
+    def __init__(self, x: th.Tensor, obs_dim: int, hidden: list[th.Tensor], q: th.Tensor) -> None:
+        members = q.shape[0]
+        self.x, self.hidden, self.q = x, hidden, q
+        self.obs, self.actions = x[:, :obs_dim], x[:, obs_dim:]
+        self.x_t = x.t()
+        self.x_members = x.expand(members, *x.shape)
+        self.hidden_t = [h.transpose(1, 2) for h in hidden]
+        # The head's input and values one critic at a time (see UpdateEngine._critic_forward).
+        self.head_in = list(hidden[-1] if hidden else self.x_members)
+        self.head_in_t = [h.t() for h in self.head_in]
+        self.q_columns = [column[:, 0] for column in q]
+
+
 class _Buffers:
-    """Preallocated activations and gradients of one batch size."""
+    """Preallocated activations and gradients of one batch size, and the views of them that a step uses."""
 
     def __init__(
         self, bound: _Bound, batch_size: int, obs_dim: int, action_dim: int, like: th.Tensor, target_members: int
@@ -499,6 +577,28 @@ class _Buffers:
         self.clamp_mask = th.empty((batch_size, action_dim), dtype=th.bool, device=like.device)
         self.key = (batch_size, obs_dim, action_dim, like.dtype, like.device, n_critics, target_members)
 
+        # Views, made once: each costs about a microsecond of Python and dispatch when made at every step.
+        self.all_rows = _Rows(self, slice(None))
+        self.obs_rows = _Rows(self, slice(None, batch_size))
+        self.next_rows = _Rows(self, slice(batch_size, None))
+        self.target_pass = _CriticPass(self.target_in, obs_dim, self.target_hidden, self.target_q)
+        self.critic_pass = _CriticPass(self.critic_in, obs_dim, self.critic_hidden, self.q)
+        self.actor_critic_pass = _CriticPass(self.actor_critic_in, obs_dim, self.critic_hidden, self.q)
+        self.q_grad_columns = [column[:, 0] for column in self.q_grad]
+        with th.no_grad():
+            # The first critic layer's rows that multiply the action: the actor's gradient flows back through them.
+            self.first_action_rows_t = bound.critic[0].weight[:, obs_dim:, :].transpose(1, 2)
+            self.head_weights = bound.critic[-1].weight[:, :, 0]
+            # Per critic, the transposed weights that carry a hidden layer's gradient to its input (of the first
+            # layer, to the action columns only), for the actor's "min" backward.
+            self.input_grad_weights = [list(self.first_action_rows_t)]
+            self.input_grad_weights += [list(layer.weight_t) for layer in bound.critic[1:-1]]
+        self.critic_hidden_rows = [hidden.view(-1, hidden.shape[2]) for hidden in self.critic_hidden]
+        self.chosen_input_grad_actions = self.chosen_input_grad[:, obs_dim:]
+        self.gaussian_grad_t = self.gaussian_grad.t()
+        self.log_std_grad_t = self.log_std_grad.t()
+        self.actor_hidden_grad_t = [grad.t() for grad in self.actor_hidden_grad]
+
 
 def _counts_on_host(device: th.device) -> bool:
     """Whether reading a count on the host is free on ``device`` (the CPU), rather than a synchronisation.
@@ -538,6 +638,13 @@ class UpdateEngine:
         self._bound: _Bound | None = None
         self._snapshot: _Snapshot | None = None
         self._buffers: _Buffers | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        # Its bindings, views and buffers belong to one model: a copy (deepcopy, pickle) starts unbound.
+        return {}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__()  # type: ignore[misc]
 
     def begin(self, model: SAC) -> str | None:
         """Bind to the model's current networks and optimizers before a ``train`` call.
@@ -616,21 +723,21 @@ class UpdateEngine:
 
         # Actor forward: observations in the first half (only when the actor learns), next observations in the
         # second. The noise is drawn half by half, in the order the autograd update draws it.
-        first = 0 if update_actor else batch_size
+        next_obs = replay_data.next_observations.flatten(1)
         if update_actor:
-            buf.actor_in[:batch_size].copy_(obs)
-            buf.noise[:batch_size].normal_()
-        buf.actor_in[batch_size:].copy_(replay_data.next_observations.flatten(1))
-        buf.noise[batch_size:].normal_()
-        self._actor_forward(bound, buf, first)
-        log_prob = squashed_log_prob_from_noise(
-            buf.noise[first:], buf.gaussian_actions[first:], buf.log_std[first:]
-        ).unsqueeze(1)
-        log_prob_pi, next_log_prob = log_prob[: batch_size - first], log_prob[batch_size - first :]
+            buf.obs_rows.actor_in.copy_(obs)
+            buf.obs_rows.noise.normal_()
+        buf.next_rows.actor_in.copy_(next_obs)
+        buf.next_rows.noise.normal_()
+        rows = buf.all_rows if update_actor else buf.next_rows
+        self._actor_forward(bound, rows)
+        log_prob = squashed_log_prob_from_noise(rows.noise, rows.gaussian_actions, rows.log_std).unsqueeze(1)
+        split = batch_size if update_actor else 0
+        log_prob_pi, next_log_prob = log_prob[:split], log_prob[split:]
 
         # Soft Q target from the target critics at the next observations.
-        buf.target_in[:, :obs_dim].copy_(replay_data.next_observations.flatten(1))
-        buf.target_in[:, obs_dim:].copy_(buf.actions[batch_size:])
+        buf.target_pass.obs.copy_(next_obs)
+        buf.target_pass.actions.copy_(buf.next_rows.actions)
         # REDQ's subset is drawn where min_over_critics draws it, and only its members are evaluated.
         subset = draw_critic_subset(len(bound.critic_target[0].weight), model.critic_subset_size, flag.device)
         target = bound.critic_target
@@ -639,20 +746,20 @@ class UpdateEngine:
                 th.index_select(source.weight, 0, subset, out=gathered.weight)
                 th.index_select(source.bias, 0, subset, out=gathered.bias)
             target = buf.target_subset
-        self._critic_forward(target, bound.activation, buf.target_in, buf.target_hidden, buf.target_q)
+        self._critic_forward(target, bound.activation, buf.target_pass)
         next_q = min_over_critics(buf.target_q)
         discounts = replay_data.discounts if replay_data.discounts is not None else model.gamma
         next_value = soft_state_value(next_q, next_log_prob, ent_coef)
         target_q = soft_q_target(replay_data.rewards, replay_data.dones, discounts, next_value)
 
         # Critic loss 1/2 sum_i mean_b (Q_i - y)^2: its gradient w.r.t. Q_i(s_b, a_b) is (Q_i - y) / batch.
-        buf.critic_in[:, :obs_dim].copy_(obs)
-        buf.critic_in[:, obs_dim:].copy_(replay_data.actions)
-        self._critic_forward(bound.critic, bound.activation, buf.critic_in, buf.critic_hidden, buf.q)
+        buf.critic_pass.obs.copy_(obs)
+        buf.critic_pass.actions.copy_(replay_data.actions)
+        self._critic_forward(bound.critic, bound.activation, buf.critic_pass)
         loss_q = critic_loss(buf.q, target_q)
         mean_q = buf.q.mean()
         th.sub(buf.q, target_q, out=buf.q_grad).div_(batch_size)
-        self._critic_backward(bound, buf, buf.critic_in, weights=True)
+        self._critic_backward(bound, buf, buf.critic_pass, weights=True)
         bound.critic_optimizer(loss_q, flag)
         critic_row = th.stack([loss_q, ent_coef, mean_q, flag])
 
@@ -669,7 +776,7 @@ class UpdateEngine:
                 # d/dlog(alpha) of -log(alpha) * mean(log pi + target entropy)
                 th.mean(log_prob_pi, dim=0, out=bound.log_ent_coef_grad).add_(target_entropy).neg_()
                 bound.ent_coef_optimizer(ent_coef_loss[0], flag)
-            loss_pi = self._actor_step(bound, buf, ent_coef, log_prob_pi, model.actor_q_reduction, obs_dim, flag)
+            loss_pi = self._actor_step(bound, buf, ent_coef, log_prob_pi, model.actor_q_reduction, flag)
             actor_row = th.stack([loss_pi, entropy, *ent_coef_loss, flag])
 
         if update_target:
@@ -679,84 +786,76 @@ class UpdateEngine:
         return critic_row, actor_row
 
     @staticmethod
-    def _actor_forward(bound: _Bound, buf: _Buffers, first: int) -> None:
-        """Mean, clamped log std and reparameterised action of the rows ``first:`` of ``buf.actor_in``."""
-        x = buf.actor_in[first:]
-        for layer, out in zip(bound.actor_hidden, buf.actor_hidden, strict=True):
-            x = th.addmm(layer.bias, x, layer.weight.t(), out=out[first:])
+    def _actor_forward(bound: _Bound, rows: _Rows) -> None:
+        """Mean, clamped log std and reparameterised action of the actor's input ``rows``."""
+        x = rows.actor_in
+        for layer, out in zip(bound.actor_hidden, rows.hidden, strict=True):
+            x = th.addmm(layer.bias, x, layer.weight_t, out=out)
             _activate(x, bound.activation)
-        th.addmm(bound.mu.bias, x, bound.mu.weight.t(), out=buf.mean[first:])
-        th.addmm(bound.log_std.bias, x, bound.log_std.weight.t(), out=buf.log_std_raw[first:])
-        th.clamp(buf.log_std_raw[first:], LOG_STD_MIN, LOG_STD_MAX, out=buf.log_std[first:])
-        th.exp(buf.log_std[first:], out=buf.std[first:])
-        th.addcmul(buf.mean[first:], buf.std[first:], buf.noise[first:], out=buf.gaussian_actions[first:])
-        th.tanh(buf.gaussian_actions[first:], out=buf.actions[first:])
+        th.addmm(bound.mu.bias, x, bound.mu.weight_t, out=rows.mean)
+        th.addmm(bound.log_std.bias, x, bound.log_std.weight_t, out=rows.log_std_raw)
+        th.clamp(rows.log_std_raw, LOG_STD_MIN, LOG_STD_MAX, out=rows.log_std)
+        th.exp(rows.log_std, out=rows.std)
+        th.addcmul(rows.mean, rows.std, rows.noise, out=rows.gaussian_actions)
+        th.tanh(rows.gaussian_actions, out=rows.actions)
 
     @staticmethod
-    def _critic_forward(
-        layers: list[_Linear],
-        activation: _Activation,
-        x: th.Tensor,
-        hidden: list[th.Tensor],
-        q: th.Tensor,
-    ) -> None:
-        """Every critic's value of the shared input ``x`` (batch, obs + action) into ``q`` (n, batch, 1)."""
-        h = x.expand(layers[0].weight.shape[0], *x.shape)
-        for layer, out in zip(layers[:-1], hidden, strict=True):
+    def _critic_forward(layers: list[_Linear], activation: _Activation, critic_pass: _CriticPass) -> None:
+        """Every critic's value of the pass's shared input, into ``critic_pass.q`` (n, batch, 1)."""
+        h = critic_pass.x_members
+        for layer, out in zip(layers[:-1], critic_pass.hidden, strict=True):
             h = th.baddbmm(layer.bias, h, layer.weight, out=out)
             _activate(h, activation)
         # The single-output head as one matrix-vector product per critic: on the CPU a batched matmul with an
         # output size of 1 is slow, and a multiply-and-sum writes a (n, batch, hidden) temporary.
         head = layers[-1]
-        for member in range(q.shape[0]):
-            th.mv(h[member], head.weight[member, :, 0], out=q[member, :, 0])
-        q.add_(head.bias)
+        for column, head_in, q in zip(head.columns, critic_pass.head_in, critic_pass.q_columns, strict=True):
+            th.mv(head_in, column, out=q)
+        critic_pass.q.add_(head.bias)
 
     @staticmethod
-    def _critic_backward(bound: _Bound, buf: _Buffers, x: th.Tensor, weights: bool) -> th.Tensor | None:
-        """Backpropagate ``buf.q_grad`` through the critics that produced ``buf.q`` from ``x``.
+    def _critic_backward(bound: _Bound, buf: _Buffers, critic_pass: _CriticPass, weights: bool) -> th.Tensor | None:
+        """Backpropagate ``buf.q_grad`` through the critics that produced ``buf.q`` in ``critic_pass``.
 
         :param weights: write the gradients of the critics' parameters (critic loss), or return the gradient
             w.r.t. the input's action columns, summed over the critics, without touching them (actor loss)
         """
         layers = bound.critic
-        n_critics = layers[0].weight.shape[0]
-        inputs = [x.expand(n_critics, *x.shape), *buf.critic_hidden]
         head = layers[-1]
         if weights:
             # Head: dW = sum_b h_b g_b, again one matrix-vector product per critic.
-            for member in range(head.weight.shape[0]):
-                th.mv(inputs[-1][member].t(), buf.q_grad[member, :, 0], out=head.grad_weight[member, :, 0])
+            for head_in_t, q_grad, grad_column in zip(
+                critic_pass.head_in_t, buf.q_grad_columns, head.grad_columns, strict=True
+            ):
+                th.mv(head_in_t, q_grad, out=grad_column)
             th.sum(buf.q_grad, dim=1, keepdim=True, out=head.grad_bias)
         grad = buf.q_grad
         for i in range(len(layers) - 1, 0, -1):
             hidden_grad = buf.critic_hidden_grad[i - 1]
             if i == len(layers) - 1:
-                th.mul(grad, head.weight.transpose(1, 2), out=hidden_grad)
+                th.mul(grad, head.weight_t, out=hidden_grad)
             else:
-                th.bmm(grad, layers[i].weight.transpose(1, 2), out=hidden_grad)
-            _activation_backward(hidden_grad, buf.critic_hidden[i - 1], bound.activation, out=hidden_grad)
+                th.bmm(grad, layers[i].weight_t, out=hidden_grad)
+            _activation_backward(hidden_grad, critic_pass.hidden[i - 1], bound.activation, out=hidden_grad)
             grad = hidden_grad
             if weights:
                 layer = layers[i - 1]
                 if i == 1:
                     # The input is shared by all critics: one broadcast matmul instead of a bmm on an expanded copy.
-                    th.matmul(x.t(), grad, out=layer.grad_weight)
+                    th.matmul(critic_pass.x_t, grad, out=layer.grad_weight)
                 else:
-                    th.bmm(inputs[i - 1].transpose(1, 2), grad, out=layer.grad_weight)
+                    th.bmm(critic_pass.hidden_t[i - 2], grad, out=layer.grad_weight)
                 th.sum(grad, dim=1, keepdim=True, out=layer.grad_bias)
         if weights:
             return None
-        obs_dim = x.shape[1] - buf.action_grad.shape[1]
-        first = layers[0].weight[:, obs_dim:, :]
         if len(layers) == 1:  # no hidden layer: the action gradient is the head's weight itself
-            th.mul(grad, first.transpose(1, 2), out=buf.action_grad_members)
+            th.mul(grad, buf.first_action_rows_t, out=buf.action_grad_members)
         else:
-            th.bmm(grad, first.transpose(1, 2), out=buf.action_grad_members)
+            th.bmm(grad, buf.first_action_rows_t, out=buf.action_grad_members)
         return th.sum(buf.action_grad_members, dim=0, out=buf.action_grad)
 
     @staticmethod
-    def _chosen_critic_action_grad(bound: _Bound, buf: _Buffers, obs_dim: int, scale: float) -> th.Tensor:
+    def _chosen_critic_action_grad(bound: _Bound, buf: _Buffers, scale: float) -> th.Tensor:
         """The actor's action gradient through the minimum of the critics, each row through its chosen critic only.
 
         The minimum passes each row's gradient (``scale``) to one critic, the first of equal minima as autograd's
@@ -778,22 +877,20 @@ class UpdateEngine:
             (c, start, end) for c, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if end > start
         ]
         # Row j of the sorted batch is row rows[j] of critic critic_of_row[j] in the (critic, row) flattened layout.
-        flat = critic_of_row * batch_size + rows
+        flat = th.add(rows, critic_of_row, alpha=batch_size)
         # d loss / d (last hidden layer, or input without hidden layers) = scale * the chosen critic's head weights.
         grad = buf.chosen_hidden_grad[-1] if len(layers) > 1 else buf.chosen_input_grad
-        th.index_select(layers[-1].weight[:, :, 0], 0, critic_of_row, out=grad).mul_(scale)
+        th.index_select(buf.head_weights, 0, critic_of_row, out=grad).mul_(scale)
         for i in range(len(layers) - 2, -1, -1):
-            hidden = buf.critic_hidden[i]
-            chosen_hidden = th.index_select(hidden.view(-1, hidden.shape[2]), 0, flat, out=buf.chosen_hidden[i])
+            chosen_hidden = th.index_select(buf.critic_hidden_rows[i], 0, flat, out=buf.chosen_hidden[i])
             _activation_backward(grad, chosen_hidden, bound.activation, out=grad)
             # Layer i's input gradient; of its first layer only the action columns are needed.
-            weight = layers[i].weight if i > 0 else layers[0].weight[:, obs_dim:, :]
             below = buf.chosen_hidden_grad[i - 1] if i > 0 else buf.chosen_action_grad
             for critic, start, end in groups:
-                th.mm(grad[start:end], weight[critic].t(), out=below[start:end])
+                th.mm(grad[start:end], buf.input_grad_weights[i][critic], out=below[start:end])
             grad = below
         if len(layers) == 1:
-            grad = grad[:, obs_dim:]
+            grad = buf.chosen_input_grad_actions
         return buf.action_grad.index_copy_(0, rows, grad)
 
     def _actor_step(
@@ -803,14 +900,15 @@ class UpdateEngine:
         ent_coef: th.Tensor,
         log_prob: th.Tensor,
         reduction: CriticReduction,
-        obs_dim: int,
         flag: th.Tensor,
     ) -> th.Tensor:
         """Actor loss ``mean(alpha log pi - Q(s, a_pi))`` through the just-updated critics, and its Adam step."""
         batch_size = log_prob.shape[0]
-        buf.actor_critic_in[:, :obs_dim].copy_(buf.actor_in[:batch_size])
-        buf.actor_critic_in[:, obs_dim:].copy_(buf.actions[:batch_size])
-        self._critic_forward(bound.critic, bound.activation, buf.actor_critic_in, buf.critic_hidden, buf.q)
+        rows = buf.obs_rows
+        critic_pass = buf.actor_critic_pass
+        critic_pass.obs.copy_(rows.actor_in)
+        critic_pass.actions.copy_(rows.actions)
+        self._critic_forward(bound.critic, bound.activation, critic_pass)
         # d loss / d Q_i(s_b, a_b) is -1/batch on the critic the reduction picks (min: the argmin, as autograd's
         # min backward routes it) or -1/(batch n) on each of them (mean).
         q_pi = reduce_critics(buf.q, reduction)
@@ -818,46 +916,47 @@ class UpdateEngine:
         n_critics = buf.q.shape[0]
         action_grad: th.Tensor | None
         if reduction == "min" and n_critics > 1 and _counts_on_host(buf.q.device):
-            action_grad = self._chosen_critic_action_grad(bound, buf, obs_dim, -1.0 / batch_size)
+            action_grad = self._chosen_critic_action_grad(bound, buf, -1.0 / batch_size)
         else:
             if reduction == "min":
                 # min's own indices, which autograd's min(dim) backward routes through (and ~7x faster than argmin).
                 buf.q_grad.zero_().scatter_(0, th.min(buf.q, dim=0, keepdim=True).indices, -1.0 / batch_size)
             else:
                 buf.q_grad.fill_(-1.0 / (batch_size * n_critics))
-            action_grad = self._critic_backward(bound, buf, buf.actor_critic_in, weights=False)
+            action_grad = self._critic_backward(bound, buf, critic_pass, weights=False)
         assert action_grad is not None
 
         # Through a = tanh(u): da/du = 1 - a^2. log pi depends on u through -log(1 - tanh(u)^2), whose derivative
-        # is 2 tanh(u) = 2a, and on log_std directly (-1 per dimension); u = mean + std * noise.
-        log_prob_grad = ent_coef / batch_size
-        actions = buf.actions[:batch_size]
+        # is 2 tanh(u) = 2a, and on log_std directly (-1 per dimension); u = mean + std * noise. With c = alpha /
+        # batch, the derivative of the loss w.r.t. each log pi:
+        two_c = th.mul(ent_coef, 2.0 / batch_size)
+        actions = rows.actions
         gaussian_grad = buf.gaussian_grad
-        th.mul(actions, actions, out=gaussian_grad).neg_().add_(1.0).mul_(action_grad)
-        gaussian_grad.addcmul_(actions, log_prob_grad * 2.0)
+        th.mul(actions, actions, out=gaussian_grad)
+        th.addcmul(action_grad, gaussian_grad, action_grad, value=-1.0, out=gaussian_grad)  # (1 - a^2) dL/da
+        gaussian_grad.addcmul_(actions, two_c)
         log_std_grad = buf.log_std_grad
-        th.mul(gaussian_grad, buf.noise[:batch_size], out=log_std_grad).mul_(buf.std[:batch_size])
-        log_std_grad.sub_(log_prob_grad)
-        # clamp passes the gradient where LOG_STD_MIN <= raw <= LOG_STD_MAX (bounds included) and stops it elsewhere.
-        raw = buf.log_std_raw[:batch_size]
-        th.logical_and(raw >= LOG_STD_MIN, raw <= LOG_STD_MAX, out=buf.clamp_mask)
+        th.mul(gaussian_grad, rows.noise, out=log_std_grad).mul_(rows.std)
+        log_std_grad.sub_(two_c, alpha=0.5)
+        # clamp passes the gradient where LOG_STD_MIN <= raw <= LOG_STD_MAX (bounds included), that is where it
+        # left the value as it was, and stops it elsewhere.
+        th.eq(rows.log_std, rows.log_std_raw, out=buf.clamp_mask)
         log_std_grad.mul_(buf.clamp_mask)
 
-        hidden = [h[:batch_size] for h in buf.actor_hidden]
-        latent = hidden[-1] if hidden else buf.actor_in[:batch_size]
-        th.mm(gaussian_grad.t(), latent, out=bound.mu.grad_weight)
+        latent = rows.hidden[-1] if rows.hidden else rows.actor_in
+        th.mm(buf.gaussian_grad_t, latent, out=bound.mu.grad_weight)
         th.sum(gaussian_grad, dim=0, out=bound.mu.grad_bias)
-        th.mm(log_std_grad.t(), latent, out=bound.log_std.grad_weight)
+        th.mm(buf.log_std_grad_t, latent, out=bound.log_std.grad_weight)
         th.sum(log_std_grad, dim=0, out=bound.log_std.grad_bias)
-        if hidden:
+        if rows.hidden:
             grad = buf.actor_hidden_grad[-1]
             th.mm(gaussian_grad, bound.mu.weight, out=grad)
             grad.addmm_(log_std_grad, bound.log_std.weight)
-            inputs = [buf.actor_in[:batch_size], *hidden[:-1]]
+            inputs = [rows.actor_in, *rows.hidden[:-1]]
             for i in range(len(bound.actor_hidden) - 1, -1, -1):
                 layer = bound.actor_hidden[i]
-                _activation_backward(grad, hidden[i], bound.activation, out=grad)
-                th.mm(grad.t(), inputs[i], out=layer.grad_weight)
+                _activation_backward(grad, rows.hidden[i], bound.activation, out=grad)
+                th.mm(buf.actor_hidden_grad_t[i], inputs[i], out=layer.grad_weight)
                 th.sum(grad, dim=0, out=layer.grad_bias)
                 if i > 0:
                     th.mm(grad, layer.weight, out=buf.actor_hidden_grad[i - 1])

@@ -541,6 +541,34 @@ def test_a_new_optimizer_between_calls_is_the_one_stepped(monkeypatch: pytest.Mo
     _assert_same_update(engine, reference)
 
 
+def test_parameters_given_new_memory_between_calls_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``p.data = ...`` keeps the Parameter but moves its values: the engine's views of it must follow."""
+    engine, reference = _pair(monkeypatch, 2)
+    pool = _batches(2, 2 * BATCH)
+    _train_both(engine, reference, pool, 1)
+    for model in (engine, reference):
+        with th.no_grad():
+            for parameter in (model.critic.q_networks.layers[-1].weight, model.actor.mu.weight):
+                parameter.data = parameter.detach().clone().mul_(-0.5)
+            target_head = model.critic_target.q_networks.layers[-1].weight
+            target_head.data = target_head.detach().clone().mul_(2.0)
+    _train_both(engine, reference, pool, 1)
+    assert engine.update_path == "engine"
+    _assert_same_update(engine, reference)
+
+
+def test_a_deep_copy_of_a_trained_model_trains_on_its_own_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, reference = _pair(monkeypatch, 2)
+    pool = _batches(2, 2 * BATCH)
+    _train_both(engine, reference, pool, 1)
+    copied = copy.deepcopy(engine)
+    before = [p.detach().clone() for p in engine.policy.parameters()]
+    _train_both(copied, reference, pool, 1)
+    assert copied.update_path == "engine"
+    _assert_same_update(copied, reference)
+    assert all(th.equal(p, q) for p, q in zip(engine.policy.parameters(), before, strict=True))
+
+
 def _subnormal_times_one() -> float:
     """A float32 subnormal (below 1.2e-38) times one: itself normally, zero where subnormals are flushed."""
     return th.mul(th.tensor(1e-40, dtype=th.float32), 1.0).item()

@@ -252,6 +252,8 @@ def denormals_flushed() -> Iterator[None]:
 
 def minibatch(samples: ReplayBufferSamples, index: int, batch_size: int) -> ReplayBufferSamples:
     """The ``index``-th minibatch of ``batch_size`` rows out of several drawn at once."""
+    if index == 0 and len(samples.observations) == batch_size:
+        return samples  # drawn alone
     rows = slice(index * batch_size, (index + 1) * batch_size)
     return ReplayBufferSamples(
         observations=samples.observations[rows],

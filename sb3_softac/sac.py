@@ -549,6 +549,9 @@ class SAC(OffPolicyAlgorithm):
             temperature), then the flag after that update
         :param actor_steps: the gradient step (index in the call) of each actor row
         """
+        # The flag never clears within a call: when the last rows are clear, every row is.
+        if not (len(critic) > 0 and critic[-1, -1]) and not (len(actor) > 0 and actor[-1, -1]):
+            return
         critic_flagged = np.flatnonzero(critic[:, -1])
         actor_flagged = np.flatnonzero(actor[:, -1])
         if len(critic_flagged) == 0 and len(actor_flagged) == 0:

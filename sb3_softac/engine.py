@@ -335,11 +335,12 @@ class _AdamStep:
     def __init__(self, optimizer: th.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self._tensors: list[_AdamTensors] | None = None
-        # 1 - flag: a step's increment of the step counts, 0 when the kernel skips it.
-        self._increment = th.empty(())
-        self._one = th.ones(())
+        # 1 - flag (a float32 scalar, as the flag): a step's increment of the step counts, 0 when the kernel skips it.
+        device = optimizer.param_groups[0]["params"][0].device
+        self._increment = th.empty((), dtype=th.float32, device=device)
+        self._one = th.ones((), dtype=th.float32, device=device)
 
-    def _collect(self, flag: th.Tensor) -> list[_AdamTensors] | None:
+    def _collect(self) -> list[_AdamTensors] | None:
         optimizer = self.optimizer
         if (
             getattr(optimizer, "grad_scale", None) is not None
@@ -349,8 +350,6 @@ class _AdamStep:
             or torch_optimizer._global_optimizer_post_hooks
         ):
             return None
-        self._increment = th.empty((), dtype=flag.dtype, device=flag.device)
-        self._one = th.ones((), dtype=flag.dtype, device=flag.device)
         tensors: list[_AdamTensors] = []
         for group in optimizer.param_groups:
             if not group.get("fused") or group["differentiable"]:
@@ -383,7 +382,7 @@ class _AdamStep:
         """
         flag_nonfinite(flag, [loss], self.optimizer)
         if self._tensors is None:
-            self._tensors = self._collect(flag)
+            self._tensors = self._collect()
             if self._tensors is None:
                 # Outside inference mode: a first step creates the optimizer's state, which the autograd update
                 # (after a fallback) must be able to update in place.

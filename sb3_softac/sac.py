@@ -554,8 +554,6 @@ class SAC(OffPolicyAlgorithm):
             return
         critic_flagged = np.flatnonzero(critic[:, -1])
         actor_flagged = np.flatnonzero(actor[:, -1])
-        if len(critic_flagged) == 0 and len(actor_flagged) == 0:
-            return
         # Within a step the critic update comes first: the flag stays set, so the first flagged row is the culprit.
         if len(critic_flagged) > 0 and (len(actor_flagged) == 0 or critic_flagged[0] <= actor_steps[actor_flagged[0]]):
             step = int(critic_flagged[0])

@@ -20,6 +20,11 @@ _LOG_2 = math.log(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
+def clamp_log_std(raw_log_std: th.Tensor) -> th.Tensor:
+    """The actor's log standard deviation, clamped to ``[LOG_STD_MIN, LOG_STD_MAX]``."""
+    return th.clamp(raw_log_std, LOG_STD_MIN, LOG_STD_MAX)
+
+
 def tanh_log_abs_det_jacobian(gaussian_actions: th.Tensor) -> th.Tensor:
     """Elementwise ``log |d tanh(u) / du| = log(1 - tanh(u)^2)``, exact and numerically stable.
 

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch as th
 from gymnasium import spaces
@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as torch_optimizer
 
+from sb3_softac import compat
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN, squashed_log_prob_from_noise
 from sb3_softac.losses import (
     CriticReduction,
@@ -54,18 +55,21 @@ from sb3_softac.losses import temperature_loss as temperature_objective
 from sb3_softac.networks import EnsembleLinear
 from sb3_softac.nonfinite import flag_nonfinite, guarded_step
 from sb3_softac.policies import Actor, Critic, SACPolicy
+from sb3_softac.torch_ops import Activation, EngineOps, engine_ops_for
 
 if TYPE_CHECKING:
     from sb3_softac.sac import SAC
 
-#: Values of ``SAC(update_engine=...)``: ``"auto"`` takes this engine wherever it applies, ``"autograd"`` never.
-UPDATE_ENGINES = ("auto", "autograd")
+#: Values of ``SAC(update_engine=...)``: ``"auto"`` takes this engine wherever it applies on a device where it has
+#: been verified (the CPU), ``"engine"`` on any device, ``"autograd"`` never.
+UPDATE_ENGINES = ("auto", "engine", "autograd")
+#: The device types on which the engine has been run and checked against autograd: ``"auto"`` takes it there only.
+VERIFIED_DEVICES = ("cpu",)
 #: A ``train`` call draws its minibatches this many at a time: all of them for the usual update-to-data ratios
 #: (up to 20 or so), while ``gradient_steps=-1`` after a long episode does not hold thousands in memory at once.
 MINIBATCHES_PER_DRAW = 64
 
-_Activation = Literal["relu", "tanh"]
-_ACTIVATIONS: dict[type[nn.Module], _Activation] = {nn.ReLU: "relu", nn.Tanh: "tanh"}
+_ACTIVATIONS: dict[type[nn.Module], Activation] = {nn.ReLU: "relu", nn.Tanh: "tanh"}
 _OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 
 
@@ -134,6 +138,15 @@ def unsupported_reason(model: SAC) -> str | None:
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
         return "the parameters do not share one floating-point dtype"
     return _hooks_reason(list(policy.modules()), _trained_parameters(model))
+
+
+def engine_ops(model: SAC) -> EngineOps | str:
+    """The engine's private torch operations for the model's device and dtype, checked, or why they are unusable.
+
+    :param model: a model that :func:`unsupported_reason` accepts
+    """
+    parameter = next(model.actor.parameters())
+    return engine_ops_for(parameter.device, parameter.dtype)
 
 
 def _hooks_reason(modules: Sequence[nn.Module], parameters: Sequence[th.Tensor]) -> str | None:
@@ -254,15 +267,7 @@ def minibatch(samples: ReplayBufferSamples, index: int, batch_size: int) -> Repl
     """The ``index``-th minibatch of ``batch_size`` rows out of several drawn at once."""
     if index == 0 and len(samples.observations) == batch_size:
         return samples  # drawn alone
-    rows = slice(index * batch_size, (index + 1) * batch_size)
-    return ReplayBufferSamples(
-        observations=samples.observations[rows],
-        actions=samples.actions[rows],
-        next_observations=samples.next_observations[rows],
-        dones=samples.dones[rows],
-        rewards=samples.rewards[rows],
-        discounts=None if samples.discounts is None else samples.discounts[rows],
-    )
+    return compat.sample_rows(samples, slice(index * batch_size, (index + 1) * batch_size))
 
 
 def _sac_class() -> type[SAC]:
@@ -332,8 +337,9 @@ class _AdamStep:
     gradient scaling, step hooks) goes through ``guarded_step`` itself.
     """
 
-    def __init__(self, optimizer: th.optim.Optimizer) -> None:
+    def __init__(self, optimizer: th.optim.Optimizer, ops: EngineOps) -> None:
         self.optimizer = optimizer
+        self._ops = ops
         self._tensors: list[_AdamTensors] | None = None
         # 1 - flag (a float32 scalar, as the flag): a step's increment of the step counts, 0 when the kernel skips it.
         device = optimizer.param_groups[0]["params"][0].device
@@ -390,31 +396,9 @@ class _AdamStep:
                     guarded_step(self.optimizer, flag)
                 return
         th.sub(self._one, flag, out=self._increment)
-        for group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, increments) in zip(
-            self.optimizer.param_groups, self._tensors, strict=True
-        ):
-            # As Optimizer.step does with found_inf: a skipped step does not count.
-            th._foreach_add_(steps, increments)
+        for group, tensors in zip(self.optimizer.param_groups, self._tensors, strict=True):
             decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, th.optim.AdamW))
-            kernel = th._fused_adamw_ if decoupled else th._fused_adam_
-            beta1, beta2 = group["betas"]
-            kernel(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                steps,
-                amsgrad=group["amsgrad"],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                grad_scale=None,
-                found_inf=flag,
-            )
+            self._ops.adam_(tensors[:6], tensors[6], flag, group, decoupled)
 
 
 @dataclass
@@ -428,7 +412,8 @@ class _Bound:
     critic_target: list[_Linear]
     target_parameters: list[th.Tensor]
     critic_parameters: list[th.Tensor]
-    activation: _Activation
+    activation: Activation
+    ops: EngineOps
     actor_optimizer: _AdamStep
     critic_optimizer: _AdamStep
     ent_coef_optimizer: _AdamStep | None
@@ -438,7 +423,7 @@ class _Bound:
     grads: list[tuple[th.Tensor, th.Tensor]] = field(default_factory=list)
 
     @classmethod
-    def from_model(cls, model: SAC) -> _Bound:
+    def from_model(cls, model: SAC, ops: EngineOps) -> _Bound:
         actor, critic, target = model.actor, model.critic, model.critic_target
         assert isinstance(actor, Actor)
         activation = _ACTIVATIONS[model.policy.activation_fn]
@@ -462,9 +447,10 @@ class _Bound:
             target_parameters=[t for layer in target_layers for t in (layer.weight, layer.bias)],
             critic_parameters=[t for layer in critic_layers for t in (layer.weight, layer.bias)],
             activation=activation,
-            actor_optimizer=_AdamStep(actor.optimizer),
-            critic_optimizer=_AdamStep(critic.optimizer),
-            ent_coef_optimizer=None if model.ent_coef_optimizer is None else _AdamStep(model.ent_coef_optimizer),
+            ops=ops,
+            actor_optimizer=_AdamStep(actor.optimizer, ops),
+            critic_optimizer=_AdamStep(critic.optimizer, ops),
+            ent_coef_optimizer=None if model.ent_coef_optimizer is None else _AdamStep(model.ent_coef_optimizer, ops),
             log_ent_coef=log_ent_coef,
             log_ent_coef_grad=None if log_ent_coef is None else _with_grad(log_ent_coef),
             fixed_ent_coef=model.ent_coef_tensor,
@@ -611,20 +597,11 @@ def _counts_on_host(device: th.device) -> bool:
     return device.type == "cpu"
 
 
-def _activate(x: th.Tensor, activation: _Activation) -> None:
+def _activate(x: th.Tensor, activation: Activation) -> None:
     if activation == "relu":
         x.relu_()
     else:
         x.tanh_()
-
-
-def _activation_backward(grad: th.Tensor, output: th.Tensor, activation: _Activation, out: th.Tensor) -> None:
-    """Gradient through the activation from its output: ``grad * 1[y > 0]`` or ``grad * (1 - y^2)``."""
-    # ATen's own backward kernels: a where() or a multiply by a mask costs many times more on the CPU.
-    if activation == "relu":
-        th.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=out)
-    else:
-        th.ops.aten.tanh_backward.grad_input(grad, output, grad_input=out)
 
 
 class UpdateEngine:
@@ -661,10 +638,11 @@ class UpdateEngine:
             or not self._bound.grads_in_place()
         ):
             reason = unsupported_reason(model)
-            if reason is not None:
+            ops = engine_ops(model) if reason is None else reason
+            if isinstance(ops, str):
                 self._bound = None
-                return reason
-            self._bound = _Bound.from_model(model)
+                return ops
+            self._bound = _Bound.from_model(model, ops)
             self._snapshot = _Snapshot(model)
             self._buffers = None
         else:
@@ -749,7 +727,7 @@ class UpdateEngine:
             target = buf.target_subset
         self._critic_forward(target, bound.activation, buf.target_pass)
         next_q = min_over_critics(buf.target_q)
-        discounts = replay_data.discounts if replay_data.discounts is not None else model.gamma
+        discounts = compat.discounts(replay_data, model.gamma)
         next_value = soft_state_value(next_q, next_log_prob, ent_coef)
         target_q = soft_q_target(replay_data.rewards, replay_data.dones, discounts, next_value)
 
@@ -781,9 +759,8 @@ class UpdateEngine:
             actor_row = th.stack([loss_pi, entropy, *ent_coef_loss, flag])
 
         if update_target:
-            # guarded_lerp_'s weight, (1 - flag) tau, in one foreach call without reading the flag on the host.
-            weight = (1.0 - flag) * model.tau
-            th._foreach_lerp_(bound.target_parameters, bound.critic_parameters, [weight] * len(bound.target_parameters))
+            # guarded_lerp_ in one foreach call, without reading the flag on the host.
+            bound.ops.polyak_(bound.target_parameters, bound.critic_parameters, flag, model.tau)
         return critic_row, actor_row
 
     @staticmethod
@@ -801,7 +778,7 @@ class UpdateEngine:
         th.tanh(rows.gaussian_actions, out=rows.actions)
 
     @staticmethod
-    def _critic_forward(layers: list[_Linear], activation: _Activation, critic_pass: _CriticPass) -> None:
+    def _critic_forward(layers: list[_Linear], activation: Activation, critic_pass: _CriticPass) -> None:
         """Every critic's value of the pass's shared input, into ``critic_pass.q`` (n, batch, 1)."""
         h = critic_pass.x_members
         for layer, out in zip(layers[:-1], critic_pass.hidden, strict=True):
@@ -837,7 +814,7 @@ class UpdateEngine:
                 th.mul(grad, head.weight_t, out=hidden_grad)
             else:
                 th.bmm(grad, layers[i].weight_t, out=hidden_grad)
-            _activation_backward(hidden_grad, critic_pass.hidden[i - 1], bound.activation, out=hidden_grad)
+            bound.ops.activation_backward(hidden_grad, critic_pass.hidden[i - 1], bound.activation, out=hidden_grad)
             grad = hidden_grad
             if weights:
                 layer = layers[i - 1]
@@ -884,7 +861,7 @@ class UpdateEngine:
         th.index_select(buf.head_weights, 0, critic_of_row, out=grad).mul_(scale)
         for i in range(len(layers) - 2, -1, -1):
             chosen_hidden = th.index_select(buf.critic_hidden_rows[i], 0, flat, out=buf.chosen_hidden[i])
-            _activation_backward(grad, chosen_hidden, bound.activation, out=grad)
+            bound.ops.activation_backward(grad, chosen_hidden, bound.activation, out=grad)
             # Layer i's input gradient; of its first layer only the action columns are needed.
             below = buf.chosen_hidden_grad[i - 1] if i > 0 else buf.chosen_action_grad
             for critic, start, end in groups:
@@ -939,9 +916,8 @@ class UpdateEngine:
         log_std_grad = buf.log_std_grad
         th.mul(gaussian_grad, rows.noise, out=log_std_grad).mul_(rows.std)
         log_std_grad.sub_(two_c, alpha=0.5)
-        # clamp passes the gradient where LOG_STD_MIN <= raw <= LOG_STD_MAX (bounds included), that is where it
-        # left the value as it was, and stops it elsewhere.
-        th.eq(rows.log_std, rows.log_std_raw, out=buf.clamp_mask)
+        # clamp passes the gradient inside [LOG_STD_MIN, LOG_STD_MAX], on the bounds as autograd does on this torch.
+        bound.ops.clamp_mask(rows.log_std_raw, rows.log_std, out=buf.clamp_mask)
         log_std_grad.mul_(buf.clamp_mask)
 
         latent = rows.hidden[-1] if rows.hidden else rows.actor_in
@@ -956,7 +932,7 @@ class UpdateEngine:
             inputs = [rows.actor_in, *rows.hidden[:-1]]
             for i in range(len(bound.actor_hidden) - 1, -1, -1):
                 layer = bound.actor_hidden[i]
-                _activation_backward(grad, rows.hidden[i], bound.activation, out=grad)
+                bound.ops.activation_backward(grad, rows.hidden[i], bound.activation, out=grad)
                 th.mm(buf.actor_hidden_grad_t[i], inputs[i], out=layer.grad_weight)
                 th.sum(grad, dim=0, out=layer.grad_bias)
                 if i > 0:

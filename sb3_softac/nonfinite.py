@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 import torch as th
 from torch import nn
 
+from sb3_softac.torch_ops import nonfinite_check
+
 
 def new_flag(device: th.device | str) -> th.Tensor:
     """A cleared flag: a float32 scalar, the dtype that fused optimizers read as ``found_inf``."""
@@ -38,7 +40,7 @@ def flag_nonfinite(flag: th.Tensor, losses: Sequence[th.Tensor], optimizer: th.o
     tensors += [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     # GradScaler's own check: one kernel over all tensors that sets ``flag`` to 1 on a non-finite entry and
     # otherwise leaves it alone. It also multiplies the tensors in place by the given scale; 1.0 changes nothing.
-    th._amp_foreach_non_finite_check_and_unscale_(tensors, flag, _unit_scale(flag.device))
+    nonfinite_check(flag.device)(tensors, flag, _unit_scale(flag.device))
 
 
 @functools.cache
@@ -118,7 +120,8 @@ def guarded_lerp_(
     weight = (1.0 - flag) * tau
     with th.no_grad():
         for target, source in zip(targets, sources, strict=True):
-            target.lerp_(source, weight)
+            # In the target's dtype: torch 2.4's lerp refuses a float32 weight for float64 tensors.
+            target.lerp_(source, weight.to(target.dtype))
 
 
 def guarded_copy_(targets: Iterable[th.Tensor], sources: Iterable[th.Tensor], flag: th.Tensor) -> None:

@@ -9,7 +9,7 @@ import pathlib
 import re
 from abc import abstractmethod
 from collections.abc import Iterable
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, TypeVar
 
 import torch as th
 from gymnasium import spaces
@@ -30,10 +30,9 @@ from torch import nn
 
 from sb3_softac import archives, checkpoints, files
 from sb3_softac.distributions import (
-    LOG_STD_MAX,
-    LOG_STD_MIN,
     SquashedDiagGaussianDistribution,
     categorical_probs,
+    clamp_log_std,
     sample_squashed_action,
     sample_squashed_gaussian,
     squashed_gaussian_log_prob,
@@ -46,6 +45,7 @@ _SDE_VARIANCE_FLOOR = 1e-6
 
 # SB3's attribute names of the individual critics.
 _QF_NAME = re.compile(r"qf(?P<index>0|[1-9][0-9]*)")
+SelfSACPolicy = TypeVar("SelfSACPolicy", bound="SACPolicy")
 
 
 def _network_parameters(network: BaseModel) -> dict[str, Any]:
@@ -244,7 +244,7 @@ class Actor(SACActor):
             assert isinstance(self.log_std, nn.Parameter)
             return mean_actions, self.log_std, dict(latent_sde=latent_pi)
         assert isinstance(self.log_std, nn.Module)
-        log_std = th.clamp(self.log_std(latent_pi), LOG_STD_MIN, LOG_STD_MAX)
+        log_std = clamp_log_std(self.log_std(latent_pi))
         return mean_actions, log_std, {}
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
@@ -705,7 +705,9 @@ class SACPolicy(BasePolicy):
         files.write_atomically(path, lambda file: th.save(saved, file))  # type: ignore[arg-type]
 
     @classmethod
-    def load(cls, path: str | pathlib.Path | io.BufferedIOBase, device: th.device | str = "auto") -> Self:
+    def load(
+        cls: type[SelfSACPolicy], path: str | pathlib.Path | io.BufferedIOBase, device: th.device | str = "auto"
+    ) -> SelfSACPolicy:
         """Load a policy file written by :meth:`save`, or by SB3's SAC policy ``save`` (converted on load).
 
         The file is unpickled (``torch.load(weights_only=False)``, as in SB3): load only files you trust.

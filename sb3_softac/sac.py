@@ -16,15 +16,17 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import recursive_getattr
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, ReplayBufferSamples, Schedule
-from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
+from stable_baselines3.common.utils import get_parameters_by_name, update_learning_rate
 from torch import nn
 
-from sb3_softac import archives, checkpoints, files
+from sb3_softac import archives, checkpoints, compat, files
 from sb3_softac.engine import (
     MINIBATCHES_PER_DRAW,
     UPDATE_ENGINES,
+    VERIFIED_DEVICES,
     UpdateEngine,
     denormals_flushed,
+    engine_ops,
     minibatch,
     unsupported_reason,
 )
@@ -175,7 +177,9 @@ class SAC(OffPolicyAlgorithm):
     :param actor_q_reduction: how the actor's objective reduces the critics: ``"min"`` (SAC) or ``"mean"``
         of all critics (REDQ's policy update)
     :param update_engine: ``"auto"`` runs the update through the autograd-free :mod:`sb3_softac.engine` where it
-        covers the configuration (``update_path`` says which path runs), ``"autograd"`` always uses autograd
+        covers the configuration on the CPU, the one device it is verified on (``update_path`` says which path
+        runs); ``"engine"`` runs it on any device (and raises where it does not cover the configuration);
+        ``"autograd"`` always uses autograd
     :param _init_setup_model: whether to build the networks on creation
     """
 
@@ -270,7 +274,7 @@ class SAC(OffPolicyAlgorithm):
         if update_engine not in UPDATE_ENGINES:
             raise ValueError(
                 f"update_engine={update_engine!r} is not one of {UPDATE_ENGINES}: 'auto' uses the fast autograd-free "
-                "update wherever it applies, 'autograd' always uses autograd."
+                "update wherever it applies on the CPU, 'engine' on any device too, 'autograd' always uses autograd."
             )
         super().__init__(
             policy,
@@ -287,7 +291,7 @@ class SAC(OffPolicyAlgorithm):
             replay_buffer_class=replay_buffer_class,
             replay_buffer_kwargs=replay_buffer_kwargs,
             optimize_memory_usage=optimize_memory_usage,
-            n_steps=n_steps,
+            **compat.n_steps_kwargs(n_steps),
             policy_kwargs=policy_kwargs,
             stats_window_size=stats_window_size,
             tensorboard_log=tensorboard_log,
@@ -334,7 +338,7 @@ class SAC(OffPolicyAlgorithm):
             )
         self.batch_norm_stats = get_parameters_by_name(self.critic, ["running_"])
         self.batch_norm_stats_target = get_parameters_by_name(self.critic_target, ["running_"])
-        self.qf_lr_schedule = None if self.qf_learning_rate is None else FloatSchedule(self.qf_learning_rate)
+        self.qf_lr_schedule = None if self.qf_learning_rate is None else compat.float_schedule(self.qf_learning_rate)
         update_learning_rate(self.critic.optimizer, self._critic_lr_schedule()(1))
         self._nonfinite = new_flag(self.device)
         if learned:
@@ -346,10 +350,29 @@ class SAC(OffPolicyAlgorithm):
         self._select_update_path()
 
     def _select_update_path(self) -> None:
-        """Set ``update_path``: ``"engine"`` (autograd-free) where it covers the model, else ``"autograd"``."""
-        reason = unsupported_reason(self) if self.update_engine == "auto" else "update_engine='autograd'"
-        self.update_path = "engine" if reason is None else "autograd"
+        """Set ``update_path``: ``"engine"`` (autograd-free) where chosen and covering the model, else ``"autograd"``.
+
+        A torch release whose private operations the engine cannot use (see :mod:`sb3_softac.torch_ops`) sends the
+        model to autograd with a warning. ``update_engine="engine"`` on a configuration the engine does not cover
+        raises.
+        """
         self._engine = UpdateEngine()
+        if self.update_engine == "autograd":
+            reason: str | None = "update_engine='autograd'"
+        elif self.update_engine == "auto" and self.device.type not in VERIFIED_DEVICES:
+            reason = f"the engine is verified on the CPU only; update_engine='engine' runs it on {self.device.type} too"
+        else:
+            reason = unsupported_reason(self)
+            if reason is not None and self.update_engine == "engine":
+                raise ValueError(
+                    f"update_engine='engine' cannot run this model's update: {reason}. Use update_engine='auto', "
+                    "which takes the autograd update where the engine does not apply."
+                )
+            ops = engine_ops(self) if reason is None else reason
+            if isinstance(ops, str) and reason is None:
+                reason = ops
+                warnings.warn(f"SAC update path: autograd ({reason}).", stacklevel=4)
+        self.update_path = "engine" if reason is None else "autograd"
         if self.verbose >= 1:
             print(f"SAC update path: {self.update_path}" + ("" if reason is None else f" ({reason})"))
 
@@ -405,7 +428,7 @@ class SAC(OffPolicyAlgorithm):
         critic_stats: list[th.Tensor] = []
         actor_stats: list[th.Tensor] = []
         actor_steps: list[int] = []
-        if self.update_engine == "auto":
+        if self.update_engine == "engine" or (self.update_engine == "auto" and self.device.type in VERIFIED_DEVICES):
             self._refresh_update_path()
         if self.update_path == "engine":
             with denormals_flushed():
@@ -478,7 +501,7 @@ class SAC(OffPolicyAlgorithm):
             updated, the actor statistics (``_ACTOR_STATS``, without ``ent_coef_loss`` for a fixed temperature,
             then the flag), each as one detached tensor
         """
-        discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
+        discounts = compat.discounts(replay_data, self.gamma)
         if self.use_sde:
             # The exploration matrix depends on log_std, which changes at every step.
             self.actor.reset_noise()

@@ -20,6 +20,7 @@ from typing import Any
 import cloudpickle
 import gymnasium as gym
 import numpy as np
+import pytest
 import stable_baselines3 as sb3
 import torch as th
 from gymnasium import spaces
@@ -31,10 +32,12 @@ from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_softac
-from sb3_softac import SAC
+from sb3_softac import SAC, compat
 from sb3_softac.checkpoints import state_dict_from_sb3, state_dict_to_sb3
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: For tests of n-step returns, which stable-baselines3 added in 2.7.
+needs_n_steps = pytest.mark.skipif(not compat.HAS_N_STEPS, reason="n-step returns need stable-baselines3 >= 2.7")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Environments

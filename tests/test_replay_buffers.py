@@ -4,9 +4,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from envs import make_sac
+from envs import make_sac, needs_n_steps
 from gymnasium import spaces
-from stable_baselines3.common.buffers import NStepReplayBuffer
 from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.her import HerReplayBuffer
 
@@ -83,7 +82,10 @@ def test_optimize_memory_usage(box_env) -> None:
         np.testing.assert_array_equal(next_obs, observations[(index + 1) % buffer.buffer_size])
 
 
+@needs_n_steps
 def test_n_step_returns_buffer(box_env) -> None:
+    from stable_baselines3.common.buffers import NStepReplayBuffer
+
     model = make_sac(box_env, n_steps=3, gamma=0.9)
     assert isinstance(model.replay_buffer, NStepReplayBuffer)
     assert model.replay_buffer.n_steps == 3

@@ -24,7 +24,7 @@ import gymnasium as gym
 import pytest
 import stable_baselines3 as sb3
 import torch as th
-from envs import SMALL_NET, VectorBoxEnv, filled_sac, make_sac
+from envs import SMALL_NET, VectorBoxEnv, filled_sac, make_sac, needs_n_steps
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch import nn
@@ -90,6 +90,7 @@ def _critic_loss_by_hand(policy: SACPolicy, batch: ReplayBufferSamples, discount
     return sum(0.5 * (q - target).square().mean() for q in policy.critic(batch.observations, batch.actions))
 
 
+@needs_n_steps
 @on_both_paths
 def test_critic_target_bootstraps_with_the_replayed_n_step_discounts(update_engine: str) -> None:
     gamma, n_steps = 0.8, 3

@@ -28,6 +28,7 @@ import pytest
 import torch as th
 import yaml
 from envs import ACROBOT, CARTPOLE, DISCRETE_MAX_STEPS, REPO_ROOT, run_python
+from packaging.version import Version
 
 pytest.importorskip("rl_zoo3", reason="the zoo integration needs rl_zoo3 (pip install 'sb3_softac[zoo]')")
 
@@ -53,6 +54,10 @@ from sb3_softac.policies import CategoricalActor
 
 ZOO_HYPERPARAMS = Path(rl_zoo3.__file__).parent / "hyperparams"
 ZOO_SAC_YML = ZOO_HYPERPARAMS / "sac.yml"
+#: rl_zoo3 2.8 added the "default" hyperparameter entry and the study's recorded command; softac.yml mirrors the
+#: SAC settings of rl_zoo3 2.8 and newer.
+ZOO_AT_LEAST_2_8 = Version(rl_zoo3.__version__) >= Version("2.8")
+needs_zoo_2_8 = pytest.mark.skipif(not ZOO_AT_LEAST_2_8, reason="needs rl_zoo3 >= 2.8 (default entry, sac.yml)")
 MUJOCO_V4_IDS = ("HalfCheetah-v4", "Ant-v4", "Hopper-v4", "Walker2d-v4", "Humanoid-v4", "Swimmer-v4")
 PACKAGED_FILES = ("softac.yml", "softac_droq.yml", "softac_redq.yml")
 NET = [32, 32]
@@ -286,6 +291,7 @@ def test_built_wheel_carries_the_packaged_files(tmp_path: Path) -> None:
     assert not any(name.startswith("hyperparams/") for name in names)
 
 
+@needs_zoo_2_8
 def test_every_zoo_sac_env_has_identical_settings() -> None:
     with open(ZOO_SAC_YML) as file:
         zoo_sac = yaml.safe_load(file)
@@ -534,6 +540,7 @@ def test_conf_file_overrides_packaged_file(tmp_path: Path) -> None:
     assert model.batch_size == 32
 
 
+@needs_zoo_2_8
 def test_unlisted_env_uses_default_entry(tmp_path: Path) -> None:
     # An environment id that no hyperparameter file lists.
     (tmp_path / "softac_test_envs.py").write_text(
@@ -656,7 +663,8 @@ def test_record_video_with_a_minimal_buffer(
     assert type(model) is SAC
     assert model.buffer_size == model.replay_buffer.buffer_size == 1
     (video,) = videos.glob("final-model-softac-Pendulum-v1-step-0-to-step-40.mp4")
-    assert _frames(video) == 41  # the reset frame and one per step
+    # The reset frame and one per step; moviepy 1 (the one numpy < 1.25 can have) writes the last frame twice.
+    assert _frames(video) == (41 if Version(metadata.version("moviepy")) >= Version("2") else 42)
     assert rl_zoo3.utils.ALGOS["softac"] is SAC
 
 
@@ -944,7 +952,8 @@ def test_three_workers_start_together_on_a_fresh_storage(
     assert all(trial.state in finished for trial in study.trials)
     # The zoo's SAC search space was used.
     assert all("one_minus_gamma" in trial.params for trial in study.trials)
-    assert "--algo softac" in study.user_attrs["command"]
+    if ZOO_AT_LEAST_2_8:  # older zoos do not record the command line
+        assert "--algo softac" in study.user_attrs["command"]
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
 
     # Optuna logs each trial it finishes: every worker ran n_trials trials of its own, and together they account for

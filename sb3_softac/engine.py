@@ -3,7 +3,7 @@
 :class:`UpdateEngine` runs the same update as :meth:`sb3_softac.SAC._gradient_step` (critics, then temperature and
 actor, with the same random draws in the same order) with forward and backward passes derived by hand and written into
 preallocated tensors. Autograd records every operation and replays it backwards; here a gradient step is a fixed
-list of about 250 ATen calls under inference mode, which is what makes a CPU step with small networks fast.
+list of ATen calls under inference mode, which is what makes a CPU step with small networks fast.
 
 It covers MLP policies on ``Box`` observations and actions (flatten extractor, not shared), the squashed-Gaussian
 actor without gSDE, ReLU or Tanh hidden layers, any number of critics (with REDQ subsets), fixed or learned
@@ -16,10 +16,11 @@ writes the gradients into each parameter's ``.grad``, then steps the model's own
 on their own state), so that in-place edits, ``set_parameters``, learning-rate schedules and optimizer state dicts
 stay what they are. It obeys the non-finite guard of :mod:`sb3_softac.nonfinite` as the autograd update does.
 
-Off the CPU the step makes no host synchronisation and keeps static shapes for a given batch size, so one step
-could be captured in a CUDA graph (after copying each minibatch into static input tensors); that capture has not
-been built or tested. On the CPU, where reading a tensor on the host is free, the actor's "min" backward groups the
-batch's rows by critic with group sizes read on the host (see :func:`_counts_on_host`).
+The engine has been verified on the CPU only, so ``update_engine="auto"`` takes it there only. Off the CPU the step
+makes no host synchronisation, so that a device never waits for the host; on the CPU, where reading a tensor on the
+host is free, the actor's "min" backward groups the batch's rows by critic with group sizes read on the host (see
+:func:`_counts_on_host`). The private torch operations it calls are checked before use by
+:mod:`sb3_softac.torch_ops`.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class _Snapshot:
     The objects the update reads (policy, networks, optimizers, temperature), every module's parameters and
     children, every optimizer's parameter groups, and where each parameter's data lives (the engine keeps views of
     it: a parameter given new memory, ``p.data = ...``, binds it again). Comparing identities costs a few
-    microseconds, where the full :func:`unsupported_reason` costs about a hundred at every ``train`` call.
+    little, where the full :func:`unsupported_reason` would cost far more at every ``train`` call.
     """
 
     def __init__(self, model: SAC) -> None:
@@ -247,9 +248,8 @@ def denormals_flushed() -> Iterator[None]:
 
     Adam's first moment of a weight whose gradient is zero (a dead ReLU unit) decays by ``beta1`` at each step and
     spends about 150 steps below float32's smallest normal number (1.2e-38) before it reaches zero. CPUs handle
-    such subnormal numbers in microcode: with a sixth of a critic's moments subnormal, its fused Adam step was five
-    times slower on the Intel Xeon of ``benchmarks/published``, and a gradient step about 25% slower. XLA, and so
-    SBX, flush them by default. Flushing changes only values below 1.2e-38, which then read as zero.
+    such subnormal numbers in microcode, much slower than normal ones (the CHANGELOG has the measurement). XLA, and
+    so SBX, flush them by default. Flushing changes only values below 1.2e-38, which then read as zero.
     ``torch.set_flush_denormal`` sets the calling thread's mode; with more than one torch thread the intra-op
     worker threads keep theirs.
     """
@@ -281,7 +281,7 @@ def _sac_class() -> type[SAC]:
 class _Linear:
     """Live references to one affine layer's parameters and their gradient tensors, with views of them made once.
 
-    Making a view costs about a microsecond at each step. These views share the parameters' memory, so they see
+    A view made at every step costs Python and dispatch time. These views share the parameters' memory, so they see
     in-place edits; a parameter given new memory makes :class:`_Snapshot` bind the engine again.
     """
 
@@ -330,7 +330,7 @@ _AdamTensors = tuple[
 class _AdamStep:
     """``optimizer.step()`` for a fused Adam/AdamW: the same kernel on the optimizer's own state tensors.
 
-    ``Optimizer.step`` spends about 0.1 ms per call in Python collecting its tensors; here they are collected
+    ``Optimizer.step`` collects its tensors in Python at every call; here they are collected
     once per ``train`` call. The hyper-parameters come from the optimizer at each call and the state tensors are
     its own, so ``optimizer.state_dict()`` stays the truth; the non-finite flag is the kernel's ``found_inf``, as
     in :func:`sb3_softac.nonfinite.guarded_step`. Anything else (state not created yet, a non-fused optimizer,
@@ -564,7 +564,7 @@ class _Buffers:
         self.clamp_mask = th.empty((batch_size, action_dim), dtype=th.bool, device=like.device)
         self.key = (batch_size, obs_dim, action_dim, like.dtype, like.device, n_critics, target_members)
 
-        # Views, made once: each costs about a microsecond of Python and dispatch when made at every step.
+        # Views, made once: each costs Python and dispatch time when made at every step.
         self.all_rows = _Rows(self, slice(None))
         self.obs_rows = _Rows(self, slice(None, batch_size))
         self.next_rows = _Rows(self, slice(batch_size, None))
@@ -592,7 +592,7 @@ def _counts_on_host(device: th.device) -> bool:
 
     The actor's "min" backward groups rows by critic with sizes read on the host where that is free; elsewhere it
     runs every critic on every row (zeros where a critic is not the minimum), keeping the step free of
-    synchronisations and of data-dependent shapes, as a CUDA graph needs.
+    synchronisations and of data-dependent shapes.
     """
     return device.type == "cpu"
 
@@ -667,7 +667,7 @@ class UpdateEngine:
             self._buffers = _Buffers(self._bound, batch_size, obs_dim, action_dim, like, target_members)
         return self._buffers
 
-    # Inference mode rather than no_grad: it skips autograd's bookkeeping in every operator, about 0.15 ms per step.
+    # Inference mode rather than no_grad: it skips autograd's bookkeeping in every operator.
     # Its outputs (the buffers) are inference tensors; parameters, gradients and optimizer states are not.
     @th.inference_mode()
     def gradient_step(
@@ -897,7 +897,7 @@ class UpdateEngine:
             action_grad = self._chosen_critic_action_grad(bound, buf, -1.0 / batch_size)
         else:
             if reduction == "min":
-                # min's own indices, which autograd's min(dim) backward routes through (and ~7x faster than argmin).
+                # min's own indices, which autograd's min(dim) backward routes through (and cheaper than argmin).
                 buf.q_grad.zero_().scatter_(0, th.min(buf.q, dim=0, keepdim=True).indices, -1.0 / batch_size)
             else:
                 buf.q_grad.fill_(-1.0 / (batch_size * n_critics))

@@ -668,7 +668,7 @@ class SACPolicy(BasePolicy):
         :param mode: True for training mode
         """
         # This runs up to three times per env step (train(), collect_rollouts(), predict()), and nn.Module.train()
-        # sets each flag through nn.Module.__setattr__, about 2 us a module. Every flag is read, so that a submodule
+        # sets each flag through the slow nn.Module.__setattr__. Every flag is read, so that a submodule
         # switched on its own is still switched back; when all are already in ``mode`` (predict's call), nothing
         # is written.
         modules = [*self.actor.modules(), *self.critic.modules()]

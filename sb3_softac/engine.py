@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as torch_optimizer
 
-from sb3_softac import compat
+from sb3_softac import compat, train_statistics
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN, squashed_log_prob_from_noise
 from sb3_softac.losses import (
     CriticReduction,
@@ -51,8 +51,8 @@ from sb3_softac.losses import (
     reduce_critics,
     soft_q_target,
     soft_state_value,
+    temperature_loss,
 )
-from sb3_softac.losses import temperature_loss as temperature_objective
 from sb3_softac.networks import EnsembleLinear
 from sb3_softac.nonfinite import flag_nonfinite, guarded_step
 from sb3_softac.policies import Actor, Critic, SACPolicy
@@ -261,13 +261,6 @@ def denormals_flushed() -> Iterator[None]:
     finally:
         if not was_flushing:
             th.set_flush_denormal(False)
-
-
-def minibatch(samples: ReplayBufferSamples, index: int, batch_size: int) -> ReplayBufferSamples:
-    """The ``index``-th minibatch of ``batch_size`` rows out of several drawn at once."""
-    if index == 0 and len(samples.observations) == batch_size:
-        return samples  # drawn alone
-    return compat.sample_rows(samples, slice(index * batch_size, (index + 1) * batch_size))
 
 
 def _sac_class() -> type[SAC]:
@@ -740,23 +733,23 @@ class UpdateEngine:
         th.sub(buf.q, target_q, out=buf.q_grad).div_(batch_size)
         self._critic_backward(bound, buf, buf.critic_pass, weights=True)
         bound.critic_optimizer(loss_q, flag)
-        critic_row = th.stack([loss_q, ent_coef, mean_q, flag])
+        critic_row = train_statistics.critic_row(loss_q, ent_coef, mean_q, flag)
 
         actor_row = None
         if update_actor:
             # The temperature after the critics, as the autograd update steps it (nothing in between reads it).
             entropy = -log_prob_pi.mean()
-            ent_coef_loss = []
+            ent_coef_loss = None
             if bound.log_ent_coef is not None:
                 assert bound.ent_coef_optimizer is not None
                 assert bound.log_ent_coef_grad is not None
                 target_entropy = float(model.target_entropy)
-                ent_coef_loss = [temperature_objective(bound.log_ent_coef, log_prob_pi, target_entropy)]
+                ent_coef_loss = temperature_loss(bound.log_ent_coef, log_prob_pi, target_entropy)
                 # d/dlog(alpha) of -log(alpha) * mean(log pi + target entropy)
                 th.mean(log_prob_pi, dim=0, out=bound.log_ent_coef_grad).add_(target_entropy).neg_()
-                bound.ent_coef_optimizer(ent_coef_loss[0], flag)
+                bound.ent_coef_optimizer(ent_coef_loss, flag)
             loss_pi = self._actor_step(bound, buf, ent_coef, log_prob_pi, model.actor_q_reduction, flag)
-            actor_row = th.stack([loss_pi, entropy, *ent_coef_loss, flag])
+            actor_row = train_statistics.actor_row(loss_pi, entropy, ent_coef_loss, flag)
 
         if update_target:
             # guarded_lerp_ in one foreach call, without reading the flag on the host.

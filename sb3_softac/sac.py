@@ -19,7 +19,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, ReplayB
 from stable_baselines3.common.utils import get_parameters_by_name, update_learning_rate
 from torch import nn
 
-from sb3_softac import archives, checkpoints, compat, files
+from sb3_softac import archives, checkpoints, compat, files, train_statistics
 from sb3_softac.engine import (
     MINIBATCHES_PER_DRAW,
     UPDATE_ENGINES,
@@ -27,7 +27,6 @@ from sb3_softac.engine import (
     UpdateEngine,
     denormals_flushed,
     engine_ops,
-    minibatch,
     unsupported_reason,
 )
 from sb3_softac.losses import (
@@ -52,17 +51,9 @@ from sb3_softac.policies import (
     SACActor,
     SACPolicy,
 )
+from sb3_softac.train_statistics import HostRows, TrainStatistics
 
 SelfSAC = TypeVar("SelfSAC", bound="SAC")
-
-# What each gradient step reports about the critic update, and each actor update (every ``policy_delay``
-# steps) about the actor and the temperature, as the columns of their rows; each row ends with the non-finite
-# flag as it stood after that update (see ``SAC._nonfinite``).
-_CRITIC_STATS = ("critic_loss", "ent_coef", "mean_q")
-_ACTOR_STATS = ("actor_loss", "entropy", "ent_coef_loss")
-# The order in which the logger receives the statistics (that of SB3's SAC, then ours).
-_LOGGED_STATS = ("critic_loss", "actor_loss", "ent_coef_loss", "ent_coef", "entropy", "mean_q")
-_LOSSES = {"critic_loss": "critic loss", "actor_loss": "actor loss", "ent_coef_loss": "entropy coefficient loss"}
 
 # Discrete SAC's automatic target entropy, as a fraction of the maximum entropy log|A|. Christodoulou
 # (2019) used 0.98, which keeps the policy close to uniform and stalls learning on many tasks (Xu et al.
@@ -425,67 +416,47 @@ class SAC(OffPolicyAlgorithm):
         update_learning_rate(self.critic.optimizer, self._critic_lr_schedule()(self._current_progress_remaining))
 
         self._nonfinite.zero_()
-        critic_stats: list[th.Tensor] = []
-        actor_stats: list[th.Tensor] = []
-        actor_steps: list[int] = []
         if self.update_engine == "engine" or (self.update_engine == "auto" and self.device.type in VERIFIED_DEVICES):
             self._refresh_update_path()
-        if self.update_path == "engine":
-            with denormals_flushed():
-                self._engine_steps(gradient_steps, batch_size, critic_stats, actor_stats, actor_steps)
-        else:
-            for step in range(gradient_steps):
-                replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+        engine = self.update_path == "engine"
+        stats = TrainStatistics(learned_temperature=self.log_ent_coef is not None)
+        with denormals_flushed() if engine else contextlib.nullcontext():
+            for step, replay_data in enumerate(self._minibatches(gradient_steps, batch_size, engine)):
                 n_update = self._n_updates + step
-                critic_row, actor_row = self._gradient_step(replay_data, update_actor=n_update % self.policy_delay == 0)
-                critic_stats.append(critic_row)
-                if actor_row is not None:
-                    actor_stats.append(actor_row)
-                    actor_steps.append(step)
-                if n_update % self.target_update_interval == 0:
-                    self._update_target_critics()
+                update_actor = n_update % self.policy_delay == 0
+                update_target = n_update % self.target_update_interval == 0
+                if engine:
+                    rows = self._engine.gradient_step(self, replay_data, update_actor, update_target)
+                else:
+                    rows = self._gradient_step(replay_data, update_actor)
+                    if update_target:
+                        self._update_target_critics()
+                stats.add(step, *rows)
 
-        # The one host sync of the call.
-        parts = [th.stack(rows).flatten() for rows in (critic_stats, actor_stats) if rows]
-        host = th.cat(parts).cpu().numpy() if parts else np.empty(0, dtype=np.float32)
-        # Each row ends with the flag; a fixed temperature has no ent_coef_loss, the actor's last statistic.
-        actor_width = len(_ACTOR_STATS) + (0 if self.log_ent_coef is None else 1)
-        critic = host[: len(critic_stats) * (len(_CRITIC_STATS) + 1)].reshape(len(critic_stats), len(_CRITIC_STATS) + 1)
-        actor = host[critic.size :].reshape(len(actor_stats), actor_width)
-        self._raise_if_nonfinite(critic, actor, actor_steps)
-        self._record_stats(critic, actor)
+        host = stats.read()  # the one host sync of the call
+        self._raise_if_nonfinite(host)
+        self.logger.record("train/n_updates", self._n_updates + gradient_steps, exclude="tensorboard")
+        if self.qf_lr_schedule is not None:
+            self.logger.record("train/qf_learning_rate", self.qf_lr_schedule(self._current_progress_remaining))
+        host.record(self.logger)
         self._n_updates += gradient_steps
 
-    def _engine_steps(
-        self,
-        gradient_steps: int,
-        batch_size: int,
-        critic_stats: list[th.Tensor],
-        actor_stats: list[th.Tensor],
-        actor_steps: list[int],
-    ) -> None:
-        """The gradient steps of one ``train`` call through the autograd-free engine (see :meth:`train`).
+    def _minibatches(self, gradient_steps: int, batch_size: int, engine: bool) -> Iterator[ReplayBufferSamples]:
+        """The minibatches of one ``train`` call, in order.
 
-        The call's minibatches are drawn at once, as SBX does, up to ``MINIBATCHES_PER_DRAW`` at a time (with one
-        environment the replay buffer then draws the same indices as ``gradient_steps`` separate draws).
+        The autograd update draws one at a time. The engine's are drawn together, as SBX does, up to
+        ``MINIBATCHES_PER_DRAW`` at a time (with one environment the replay buffer then draws the same indices as
+        that many separate draws).
         """
-        samples = None
-        for step in range(gradient_steps):
-            if step % MINIBATCHES_PER_DRAW == 0:
-                count = min(MINIBATCHES_PER_DRAW, gradient_steps - step)
-                samples = self.replay_buffer.sample(batch_size * count, env=self._vec_normalize_env)  # type: ignore[union-attr]
-            assert samples is not None
-            n_update = self._n_updates + step
-            critic_row, actor_row = self._engine.gradient_step(
-                self,
-                minibatch(samples, step % MINIBATCHES_PER_DRAW, batch_size),
-                update_actor=n_update % self.policy_delay == 0,
-                update_target=n_update % self.target_update_interval == 0,
-            )
-            critic_stats.append(critic_row)
-            if actor_row is not None:
-                actor_stats.append(actor_row)
-                actor_steps.append(step)
+        per_draw = MINIBATCHES_PER_DRAW if engine else 1
+        for start in range(0, gradient_steps, per_draw):
+            count = min(per_draw, gradient_steps - start)
+            samples = self.replay_buffer.sample(batch_size * count, env=self._vec_normalize_env)  # type: ignore[union-attr]
+            if count == 1:
+                yield samples
+            else:
+                for index in range(count):
+                    yield compat.sample_rows(samples, slice(index * batch_size, (index + 1) * batch_size))
 
     def _gradient_step(
         self, replay_data: ReplayBufferSamples, update_actor: bool
@@ -497,9 +468,8 @@ class SAC(OffPolicyAlgorithm):
 
         :param replay_data: the minibatch
         :param update_actor: whether to update the actor and the temperature, or only the critics
-        :return: the critic statistics (``_CRITIC_STATS``, then the non-finite flag) and, when the actor was
-            updated, the actor statistics (``_ACTOR_STATS``, without ``ent_coef_loss`` for a fixed temperature,
-            then the flag), each as one detached tensor
+        :return: the critic statistics row and, when the actor was updated, the actor statistics row (see
+            :mod:`sb3_softac.train_statistics`)
         """
         discounts = compat.discounts(replay_data, self.gamma)
         if self.use_sde:
@@ -519,7 +489,7 @@ class SAC(OffPolicyAlgorithm):
         current_q_values = self.critic.q_values(replay_data.observations, replay_data.actions)
         loss_q = critic_loss(current_q_values, target_q_values)
         self._optimize(self.critic.optimizer, loss_q)
-        critic_row = th.stack([loss_q, ent_coef, current_q_values.mean(), self._nonfinite]).detach()
+        critic_row = train_statistics.critic_row(loss_q, ent_coef, current_q_values.mean(), self._nonfinite)
         if pi is None:
             return critic_row, None
         return critic_row, self._update_actor(replay_data, pi, ent_coef)
@@ -530,18 +500,18 @@ class SAC(OffPolicyAlgorithm):
         :return: the actor statistics row (see :meth:`_gradient_step`)
         """
         entropy = -expected_log_prob(pi.log_prob, pi.probs).mean()
-        ent_coef_loss = []
+        ent_coef_loss = None
         if self.log_ent_coef is not None:
             assert self.ent_coef_optimizer is not None
             assert isinstance(self.target_entropy, float)
-            ent_coef_loss = [temperature_loss(self.log_ent_coef, pi.log_prob, self.target_entropy, pi.probs)]
-            self._optimize(self.ent_coef_optimizer, ent_coef_loss[0])
+            ent_coef_loss = temperature_loss(self.log_ent_coef, pi.log_prob, self.target_entropy, pi.probs)
+            self._optimize(self.ent_coef_optimizer, ent_coef_loss)
         # The actor's gradient goes through the critics to the actions only, not into their weights.
         with _frozen(self._critic_parameters()):
             q_values_pi = self.critic.q_values(replay_data.observations, pi.actions)
         loss_pi = actor_loss(reduce_critics(q_values_pi, self.actor_q_reduction), pi.log_prob, ent_coef, pi.probs)
         self._optimize(self.actor.optimizer, loss_pi)
-        return th.stack([loss_pi, entropy, *ent_coef_loss, self._nonfinite]).detach()
+        return train_statistics.actor_row(loss_pi, entropy, ent_coef_loss, self._nonfinite)
 
     def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor) -> None:
         """Step ``optimizer`` on the gradient of ``loss``, unless ``_nonfinite`` is set once they are checked."""
@@ -561,37 +531,15 @@ class SAC(OffPolicyAlgorithm):
         guarded_lerp_(self.critic_target.parameters(), self.critic.parameters(), self.tau, self._nonfinite)
         guarded_copy_(self.batch_norm_stats_target, self.batch_norm_stats, self._nonfinite)
 
-    def _raise_if_nonfinite(self, critic: np.ndarray, actor: np.ndarray, actor_steps: list[int]) -> None:
+    def _raise_if_nonfinite(self, host: HostRows) -> None:
         """Raise if the call met a non-finite loss or gradient, naming the first one and its gradient step.
 
         The steps before it were applied and are counted in ``_n_updates``; it and the later ones were not.
-
-        :param critic: one row per gradient step: ``_CRITIC_STATS``, then the non-finite flag after that step's
-            critic update
-        :param actor: one row per actor update: ``_ACTOR_STATS`` (without ``ent_coef_loss`` for a fixed
-            temperature), then the flag after that update
-        :param actor_steps: the gradient step (index in the call) of each actor row
         """
-        # The flag never clears within a call: when the last rows are clear, every row is.
-        if not (len(critic) > 0 and critic[-1, -1]) and not (len(actor) > 0 and actor[-1, -1]):
+        found = host.first_nonfinite()
+        if found is None:
             return
-        critic_flagged = np.flatnonzero(critic[:, -1])
-        actor_flagged = np.flatnonzero(actor[:, -1])
-        # Within a step the critic update comes first: the flag stays set, so the first flagged row is the culprit.
-        if len(critic_flagged) > 0 and (len(actor_flagged) == 0 or critic_flagged[0] <= actor_steps[actor_flagged[0]]):
-            step = int(critic_flagged[0])
-            checked = [("critic_loss", critic[step, 0])]
-        else:
-            step = actor_steps[actor_flagged[0]]
-            row = actor[actor_flagged[0]]
-            # Checked in the order they were applied: the temperature's loss (when learned), then the actor's.
-            checked = [("ent_coef_loss", row[2])] if len(row) > len(_ACTOR_STATS) else []
-            checked.append(("actor_loss", row[0]))
-        bad = [(name, value) for name, value in checked if not np.isfinite(value)]
-        if bad:
-            what = f"the {_LOSSES[bad[0][0]]} is {bad[0][1]}"
-        else:
-            what = f"a gradient of the {' or the '.join(_LOSSES[name] for name, _ in checked)} is not finite"
+        step, what = found
         self._n_updates += step
         raise FloatingPointError(
             f"SAC stopped: {what} at gradient step {self._n_updates + 1} (timestep {self.num_timesteps}). Neither "
@@ -599,25 +547,6 @@ class SAC(OffPolicyAlgorithm):
             "it keeps them). Check the environment's observations and rewards for NaN/inf (wrap it in VecCheckNan "
             "to find the source) and for very large magnitudes (try VecNormalize), or lower the learning rate."
         )
-
-    def _record_stats(self, critic: np.ndarray, actor: np.ndarray) -> None:
-        """Log the mean statistics of a ``train`` call.
-
-        :param critic: the critic rows, as in :meth:`_raise_if_nonfinite`
-        :param actor: the actor rows, as in :meth:`_raise_if_nonfinite` (none when no step updated the actor)
-        """
-        self.logger.record("train/n_updates", self._n_updates + len(critic), exclude="tensorboard")
-        if self.qf_lr_schedule is not None:
-            self.logger.record("train/qf_learning_rate", self.qf_lr_schedule(self._current_progress_remaining))
-        # The means of all columns at once, the flag's last: a numpy call costs microseconds whatever its size.
-        means: dict[str, float] = {}
-        if len(critic) > 0:
-            means.update(zip((*_CRITIC_STATS, "flag"), critic.mean(axis=0).tolist(), strict=True))
-        if len(actor) > 0:
-            means.update(zip((*_ACTOR_STATS[: actor.shape[1] - 1], "flag"), actor.mean(axis=0).tolist(), strict=True))
-        for name in _LOGGED_STATS:
-            if name in means:
-                self.logger.record(f"train/{name}", means[name])
 
     def learn(
         self: SelfSAC,

@@ -29,7 +29,7 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch as th
 from gymnasium import spaces
@@ -55,11 +55,8 @@ from sb3_softac.losses import (
 )
 from sb3_softac.networks import EnsembleLinear
 from sb3_softac.nonfinite import flag_nonfinite, guarded_step
-from sb3_softac.policies import Actor, Critic, SACPolicy
+from sb3_softac.policies import Actor, Critic, SACActor, SACPolicy
 from sb3_softac.torch_ops import Activation, EngineOps, engine_ops_for
-
-if TYPE_CHECKING:
-    from sb3_softac.sac import SAC
 
 #: Values of ``SAC(update_engine=...)``: ``"auto"`` takes this engine wherever it applies on a device where it has
 #: been verified (the CPU), ``"engine"`` on any device, ``"autograd"`` never.
@@ -74,24 +71,58 @@ _ACTIVATIONS: dict[type[nn.Module], Activation] = {nn.ReLU: "relu", nn.Tanh: "ta
 _OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 
 
+class EngineModel(Protocol):
+    """What the engine reads of a model (``sb3_softac.SAC`` has it all): spaces, networks, optimizers, temperature."""
+
+    @property
+    def action_space(self) -> spaces.Space: ...
+    @property
+    def observation_space(self) -> spaces.Space: ...
+    @property
+    def policy(self) -> SACPolicy: ...
+    @property
+    def actor(self) -> SACActor: ...
+    @property
+    def critic(self) -> Critic: ...
+    @property
+    def critic_target(self) -> Critic: ...
+    @property
+    def ent_coef_optimizer(self) -> th.optim.Optimizer | None: ...
+    @property
+    def log_ent_coef(self) -> th.Tensor | None: ...
+    @property
+    def ent_coef_tensor(self) -> th.Tensor | None: ...
+    @property
+    def batch_norm_stats(self) -> list[th.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The settings of the SAC update that the engine reads, as the model holds them at a ``train`` call."""
+
+    gamma: float
+    tau: float
+    #: The learned temperature's target entropy (unused for a fixed temperature).
+    target_entropy: float
+    critic_subset_size: int | None
+    actor_q_reduction: CriticReduction
+
+
 def _is_mlp(modules: Sequence[nn.Module], linear: type[nn.Module], activation: type[nn.Module]) -> bool:
     """Whether ``modules`` are exactly ``linear -> activation -> linear -> ...`` (what the engine differentiates)."""
     layers = list(modules)
     return all(type(layer) is linear for layer in layers[0::2]) and all(type(a) is activation for a in layers[1::2])
 
 
-def unsupported_reason(model: SAC) -> str | None:
+def unsupported_reason(model: EngineModel) -> str | None:
     """Why the update engine cannot run this model's update, or None when it can.
 
-    :param model: a SAC model whose networks and optimizers are built
+    :param model: a model whose networks and optimizers are built (a ``SAC`` whose update methods are its own)
     :return: a short description of the first unsupported feature found
     """
     policy = model.policy
     if type(policy) is not SACPolicy:
         return f"the policy class {type(policy).__name__} is not the plain MlpPolicy"
-    for method in ("_gradient_step", "_update_actor", "_update_target_critics", "_optimize"):
-        if getattr(type(model), method) is not getattr(_sac_class(), method):
-            return f"the SAC subclass overrides {method}"
     if not isinstance(model.action_space, spaces.Box) or not isinstance(model.observation_space, spaces.Box):
         return "only Box observations and Box actions are covered"
     if is_image_space(model.observation_space, check_channels=False) and policy.normalize_images:
@@ -141,7 +172,7 @@ def unsupported_reason(model: SAC) -> str | None:
     return _hooks_reason(list(policy.modules()), _trained_parameters(model))
 
 
-def engine_ops(model: SAC) -> EngineOps | str:
+def engine_ops(model: EngineModel) -> EngineOps | str:
     """The engine's private torch operations for the model's device and dtype, checked, or why they are unusable.
 
     :param model: a model that :func:`unsupported_reason` accepts
@@ -172,7 +203,7 @@ def _hooks_reason(modules: Sequence[nn.Module], parameters: Sequence[th.Tensor])
     return None
 
 
-def _trained_parameters(model: SAC) -> list[th.Tensor]:
+def _trained_parameters(model: EngineModel) -> list[th.Tensor]:
     parameters: list[th.Tensor] = list(model.policy.parameters())
     if model.log_ent_coef is not None:
         parameters.append(model.log_ent_coef)
@@ -188,7 +219,7 @@ class _Snapshot:
     little, where the full :func:`unsupported_reason` would cost far more at every ``train`` call.
     """
 
-    def __init__(self, model: SAC) -> None:
+    def __init__(self, model: EngineModel) -> None:
         self.objects = self._objects(model)
         self.modules = list(model.policy.modules())
         self.parameters = _trained_parameters(model)
@@ -205,7 +236,7 @@ class _Snapshot:
         self.sizes = [(container, len(container)) for container in [*containers, *lists]]
 
     @staticmethod
-    def _objects(model: SAC) -> list[object]:
+    def _objects(model: EngineModel) -> list[object]:
         return [
             model.policy,
             model.actor,
@@ -218,7 +249,7 @@ class _Snapshot:
             model.ent_coef_tensor,
         ]
 
-    def still_current(self, model: SAC) -> bool:
+    def still_current(self, model: EngineModel) -> bool:
         """Whether nothing recorded has been replaced, added or removed since the snapshot."""
         return (
             all(a is b for a, b in zip(self._objects(model), self.objects, strict=True))
@@ -261,13 +292,6 @@ def denormals_flushed() -> Iterator[None]:
     finally:
         if not was_flushing:
             th.set_flush_denormal(False)
-
-
-def _sac_class() -> type[SAC]:
-    # Imported here: sac.py imports this module.
-    from sb3_softac.sac import SAC
-
-    return SAC
 
 
 @dataclass
@@ -416,7 +440,7 @@ class _Bound:
     grads: list[tuple[th.Tensor, th.Tensor]] = field(default_factory=list)
 
     @classmethod
-    def from_model(cls, model: SAC, ops: EngineOps) -> _Bound:
+    def from_model(cls, model: EngineModel, ops: EngineOps) -> _Bound:
         actor, critic, target = model.actor, model.critic, model.critic_target
         assert isinstance(actor, Actor)
         activation = _ACTIVATIONS[model.policy.activation_fn]
@@ -617,7 +641,7 @@ class UpdateEngine:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__init__()  # type: ignore[misc]
 
-    def begin(self, model: SAC) -> str | None:
+    def begin(self, model: EngineModel) -> str | None:
         """Bind to the model's current networks and optimizers before a ``train`` call.
 
         :param model: the model to update
@@ -664,28 +688,33 @@ class UpdateEngine:
     # Its outputs (the buffers) are inference tensors; parameters, gradients and optimizer states are not.
     @th.inference_mode()
     def gradient_step(
-        self, model: SAC, replay_data: ReplayBufferSamples, update_actor: bool, update_target: bool
+        self,
+        settings: UpdateSettings,
+        flag: th.Tensor,
+        replay_data: ReplayBufferSamples,
+        update_actor: bool,
+        update_target: bool,
     ) -> tuple[th.Tensor, th.Tensor | None]:
-        """One SAC update of ``model`` on a minibatch, as :meth:`SAC._gradient_step` and the target update do it.
+        """One SAC update of the bound model on a minibatch, as ``SAC._gradient_step`` and its target update do it.
 
         It obeys the model's non-finite flag as the autograd update does (see :mod:`sb3_softac.nonfinite`): each
         loss and its gradients are checked before the optimizer step, which, like the Polyak update, does nothing
         once the flag is set.
 
-        :param model: the model bound by :meth:`begin`
+        :param settings: the model's update settings
+        :param flag: the ``train`` call's non-finite flag (see :mod:`sb3_softac.nonfinite`)
         :param replay_data: the minibatch
         :param update_actor: whether to update the temperature and the actor after the critics
         :param update_target: whether to move the target critics towards the critics afterwards
         :return: the critic statistics row and, when the actor was updated, the actor statistics row, as
-            :meth:`SAC._gradient_step` returns them
+            ``SAC._gradient_step`` returns them
         """
         bound = self._bound
         assert bound is not None, "call begin() first"
-        flag = model._nonfinite
         obs = replay_data.observations.flatten(1)
         batch_size, obs_dim = obs.shape
         buf = self._buffers_for(
-            batch_size, obs_dim, replay_data.actions.shape[1], bound.mu.weight, model.critic_subset_size
+            batch_size, obs_dim, replay_data.actions.shape[1], bound.mu.weight, settings.critic_subset_size
         )
         if bound.log_ent_coef is not None:
             ent_coef = bound.log_ent_coef.exp().squeeze(0)
@@ -711,7 +740,7 @@ class UpdateEngine:
         buf.target_pass.obs.copy_(next_obs)
         buf.target_pass.actions.copy_(buf.next_rows.actions)
         # REDQ's subset is drawn where min_over_critics draws it, and only its members are evaluated.
-        subset = draw_critic_subset(len(bound.critic_target[0].weight), model.critic_subset_size, flag.device)
+        subset = draw_critic_subset(len(bound.critic_target[0].weight), settings.critic_subset_size, flag.device)
         target = bound.critic_target
         if subset is not None:
             for source, gathered in zip(bound.critic_target, buf.target_subset, strict=True):
@@ -720,7 +749,7 @@ class UpdateEngine:
             target = buf.target_subset
         self._critic_forward(target, bound.activation, buf.target_pass)
         next_q = min_over_critics(buf.target_q)
-        discounts = compat.discounts(replay_data, model.gamma)
+        discounts = compat.discounts(replay_data, settings.gamma)
         next_value = soft_state_value(next_q, next_log_prob, ent_coef)
         target_q = soft_q_target(replay_data.rewards, replay_data.dones, discounts, next_value)
 
@@ -743,17 +772,17 @@ class UpdateEngine:
             if bound.log_ent_coef is not None:
                 assert bound.ent_coef_optimizer is not None
                 assert bound.log_ent_coef_grad is not None
-                target_entropy = float(model.target_entropy)
+                target_entropy = settings.target_entropy
                 ent_coef_loss = temperature_loss(bound.log_ent_coef, log_prob_pi, target_entropy)
                 # d/dlog(alpha) of -log(alpha) * mean(log pi + target entropy)
                 th.mean(log_prob_pi, dim=0, out=bound.log_ent_coef_grad).add_(target_entropy).neg_()
                 bound.ent_coef_optimizer(ent_coef_loss, flag)
-            loss_pi = self._actor_step(bound, buf, ent_coef, log_prob_pi, model.actor_q_reduction, flag)
+            loss_pi = self._actor_step(bound, buf, ent_coef, log_prob_pi, settings.actor_q_reduction, flag)
             actor_row = train_statistics.actor_row(loss_pi, entropy, ent_coef_loss, flag)
 
         if update_target:
             # guarded_lerp_ in one foreach call, without reading the flag on the host.
-            bound.ops.polyak_(bound.target_parameters, bound.critic_parameters, flag, model.tau)
+            bound.ops.polyak_(bound.target_parameters, bound.critic_parameters, flag, settings.tau)
         return critic_row, actor_row
 
     @staticmethod

@@ -25,6 +25,7 @@ from sb3_softac.engine import (
     UPDATE_ENGINES,
     VERIFIED_DEVICES,
     UpdateEngine,
+    UpdateSettings,
     denormals_flushed,
     engine_ops,
     unsupported_reason,
@@ -348,11 +349,8 @@ class SAC(OffPolicyAlgorithm):
         raises.
         """
         self._engine = UpdateEngine()
-        if self.update_engine == "autograd":
-            reason: str | None = "update_engine='autograd'"
-        elif self.update_engine == "auto" and self.device.type not in VERIFIED_DEVICES:
-            reason = f"the engine is verified on the CPU only; update_engine='engine' runs it on {self.device.type} too"
-        else:
+        reason = self._engine_declined()
+        if reason is None:
             reason = unsupported_reason(self)
             if reason is not None and self.update_engine == "engine":
                 raise ValueError(
@@ -366,6 +364,26 @@ class SAC(OffPolicyAlgorithm):
         self.update_path = "engine" if reason is None else "autograd"
         if self.verbose >= 1:
             print(f"SAC update path: {self.update_path}" + ("" if reason is None else f" ({reason})"))
+
+    def _engine_declined(self) -> str | None:
+        """Why this model does not try the engine at all, before asking what the engine covers; None if it does."""
+        if self.update_engine == "autograd":
+            return "update_engine='autograd'"
+        if self.update_engine == "auto" and self.device.type not in VERIFIED_DEVICES:
+            return f"the engine is verified on the CPU only; update_engine='engine' runs it on {self.device.type} too"
+        for method in ("_gradient_step", "_update_actor", "_update_target_critics", "_optimize"):
+            if getattr(type(self), method) is not getattr(SAC, method):
+                return f"the SAC subclass overrides {method}"
+        return None
+
+    def _update_settings(self) -> UpdateSettings:
+        return UpdateSettings(
+            gamma=self.gamma,
+            tau=self.tau,
+            target_entropy=float(self.target_entropy),
+            critic_subset_size=self.critic_subset_size,
+            actor_q_reduction=self.actor_q_reduction,
+        )
 
     def _refresh_update_path(self) -> None:
         """Before each ``train`` call: bind the engine to the model as it is now, or fall back to autograd.
@@ -416,17 +434,20 @@ class SAC(OffPolicyAlgorithm):
         update_learning_rate(self.critic.optimizer, self._critic_lr_schedule()(self._current_progress_remaining))
 
         self._nonfinite.zero_()
-        if self.update_engine == "engine" or (self.update_engine == "auto" and self.device.type in VERIFIED_DEVICES):
+        if self._engine_declined() is None:
             self._refresh_update_path()
         engine = self.update_path == "engine"
+        settings = self._update_settings() if engine else None
         stats = TrainStatistics(learned_temperature=self.log_ent_coef is not None)
         with denormals_flushed() if engine else contextlib.nullcontext():
             for step, replay_data in enumerate(self._minibatches(gradient_steps, batch_size, engine)):
                 n_update = self._n_updates + step
                 update_actor = n_update % self.policy_delay == 0
                 update_target = n_update % self.target_update_interval == 0
-                if engine:
-                    rows = self._engine.gradient_step(self, replay_data, update_actor, update_target)
+                if settings is not None:
+                    rows = self._engine.gradient_step(
+                        settings, self._nonfinite, replay_data, update_actor, update_target
+                    )
                 else:
                     rows = self._gradient_step(replay_data, update_actor)
                     if update_target:

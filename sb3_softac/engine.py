@@ -787,7 +787,11 @@ class UpdateEngine:
 
     @staticmethod
     def _actor_forward(bound: _Bound, rows: _Rows) -> None:
-        """Mean, clamped log std and reparameterised action of the actor's input ``rows``."""
+        """Mean, clamped log std and reparameterised action of the actor's input ``rows``.
+
+        The twin of ``Actor.get_action_dist_params`` and the squashed sample, kept here to write into preallocated
+        buffers; ``tests/test_engine.py::test_engine_forward_passes_equal_the_modules`` holds the two equal.
+        """
         x = rows.actor_in
         for layer, out in zip(bound.actor_hidden, rows.hidden, strict=True):
             x = th.addmm(layer.bias, x, layer.weight_t, out=out)
@@ -801,7 +805,12 @@ class UpdateEngine:
 
     @staticmethod
     def _critic_forward(layers: list[_Linear], activation: Activation, critic_pass: _CriticPass) -> None:
-        """Every critic's value of the pass's shared input, into ``critic_pass.q`` (n, batch, 1)."""
+        """Every critic's value of the pass's shared input, into ``critic_pass.q`` (n, batch, 1).
+
+        The twin of ``Critic.q_values`` (:class:`sb3_softac.networks.EnsembleLinear` layers), kept here for its
+        buffers and its per-critic head; ``tests/test_engine.py::test_engine_forward_passes_equal_the_modules``
+        holds the two equal.
+        """
         h = critic_pass.x_members
         for layer, out in zip(layers[:-1], critic_pass.hidden, strict=True):
             h = th.baddbmm(layer.bias, h, layer.weight, out=out)

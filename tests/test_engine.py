@@ -617,3 +617,43 @@ def test_engine_steps_flush_subnormals_and_restore_the_threads_mode(
     monkeypatch.setattr(SAC, "_optimize", spy_autograd)
     reference.train(gradient_steps=1, batch_size=16)
     assert flushed_in_autograd and all(value != 0.0 for value in flushed_in_autograd)
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh], ids=["relu", "tanh"])
+def test_engine_forward_passes_equal_the_modules(monkeypatch: pytest.MonkeyPatch, activation: type[nn.Module]) -> None:
+    """The engine's own actor and critic forward passes (kept for speed) give what the policy's modules give.
+
+    Log stds are pushed past both clamp bounds for some rows, so that the clamp is part of what is compared.
+    """
+    model, _ = _pair(monkeypatch, 3, policy_kwargs=dict(n_critics=3, activation_fn=activation))
+    engine = model._engine
+    assert engine.begin(model) is None
+    bound = engine._bound
+    assert bound is not None
+    generator = th.Generator().manual_seed(3)
+    obs = th.rand(BATCH, OBS_DIM, generator=generator, dtype=th.float64) * 2 - 1
+    actions = th.rand(BATCH, 3, generator=generator, dtype=th.float64) * 2 - 1
+    with th.no_grad():
+        model.actor.log_std.bias.copy_(th.tensor([-30.0, 0.0, 5.0], dtype=th.float64))
+    buf = engine._buffers_for(BATCH, OBS_DIM, 3, bound.mu.weight, None)
+    rows = buf.next_rows
+    with th.inference_mode():
+        rows.actor_in.copy_(obs)
+        rows.noise.normal_(generator=generator)
+        sb3_softac.engine.UpdateEngine._actor_forward(bound, rows)
+        buf.critic_pass.obs.copy_(obs)
+        buf.critic_pass.actions.copy_(actions)
+        sb3_softac.engine.UpdateEngine._critic_forward(bound.critic, bound.activation, buf.critic_pass)
+        engine_q = buf.q.clone()
+        engine_actor = [t.clone() for t in (rows.mean, rows.log_std, rows.actions)]
+        noise = rows.noise.clone()
+    with th.no_grad():
+        mean, log_std, _ = model.actor.get_action_dist_params(obs)
+        expected_actions = th.tanh(mean + log_std.exp() * noise)
+        expected_q = model.critic.q_values(obs, actions)
+    for actual, expected, name in zip(
+        engine_actor, (mean, log_std, expected_actions), ("mean", "log_std", "actions"), strict=True
+    ):
+        _assert_relative(actual, expected, name, rel=1e-12)
+    assert {float(v) for v in log_std[:, 0]} == {LOG_STD_MIN} and {float(v) for v in log_std[:, 2]} == {LOG_STD_MAX}
+    _assert_relative(engine_q, expected_q, "q", rel=1e-12)

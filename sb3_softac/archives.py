@@ -19,7 +19,7 @@ import re
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ import cloudpickle
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
-from stable_baselines3.common.save_util import open_path
+from stable_baselines3.common.save_util import open_path, recursive_getattr
 from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 
 from sb3_softac import checkpoints, files
@@ -35,6 +35,58 @@ from sb3_softac import checkpoints, files
 #: Whose SAC an archive holds (see :func:`saved_policy_origin`).
 SOFTAC = "sb3_softac"
 SB3 = "stable_baselines3"
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading a model
+
+
+def load_model(
+    cls: Any,
+    load: Callable[..., Any],
+    path: files.Destination,
+    env: Any,
+    custom_objects: dict[str, Any] | None,
+    weights_only: bool,
+    load_kwargs: dict[str, Any],
+) -> Any:
+    """``SAC.load``'s pipeline: read the archive untrusted, substitute or convert, load with SB3, check the result.
+
+    An SB3 SAC archive is converted in memory (its deserialised data is handed on whole, so nothing is unpickled
+    twice); with ``weights_only`` every pickled entry gets a substitute (:func:`weights_only_objects`); the loaded
+    weights must be finite, and the optimizers keep the implementation they were built with.
+
+    :param cls: the ``SAC`` class (or subclass) to load
+    :param load: SB3's ``BaseAlgorithm.load`` bound to ``cls``
+    :param path: the archive
+    :param env: the environment given to ``load``, or None
+    :param custom_objects: entries of the archive's data to use instead of unpickling them
+    :param weights_only: unpickle nothing (see ``SAC.load``)
+    :param load_kwargs: the other arguments of ``load`` (device, print_system_info, force_reset, settings)
+    :return: the loaded model
+    """
+    archive = read_archive(path)
+    objects = dict(custom_objects or {})
+    origin = saved_policy_origin(archive)
+    if weights_only:
+        spaces_of_env = None
+        if env is not None:
+            env = cls._wrap_env(env, archive.data.get("verbose", 0))
+            spaces_of_env = (env.observation_space, env.action_space)
+        objects = weights_only_objects(archive, cls.policy_aliases, spaces_of_env, objects)
+    if origin == SB3:
+        path, objects = checkpoints.sb3_archive_to_softac(path, cls.policy_aliases, objects)
+    else:
+        load_kwargs = {**legacy_settings(archive, load_kwargs), **load_kwargs}
+    model = load(path, env=env, custom_objects=objects or None, **load_kwargs)
+    state_dicts, variables = model._get_torch_save_params()
+    check_finite(
+        {**model.get_parameters(), "pytorch_variables": {name: getattr(model, name) for name in variables}},
+        archive.source,
+    )
+    optimizers = (recursive_getattr(model, name) for name in state_dicts)
+    checkpoints.keep_built_implementation(opt for opt in optimizers if isinstance(opt, th.optim.Optimizer))
+    return model
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading an archive
@@ -367,7 +419,7 @@ def legacy_settings(archive: Archive, given: Mapping[str, Any]) -> dict[str, Any
         "actor_q_reduction='mean' to keep that behaviour. Pass actor_q_reduction='min' to load() for SAC's minimum "
         "instead; saving the model again records the choice.",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
     return {"actor_q_reduction": "mean"}
 

@@ -14,7 +14,6 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.save_util import recursive_getattr
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, ReplayBufferSamples, Schedule
 from stable_baselines3.common.utils import get_parameters_by_name, update_learning_rate
 from torch import nn
@@ -613,37 +612,15 @@ class SAC(OffPolicyAlgorithm):
             JSON, the rest from ``custom_objects``; an entry with no such substitute is refused, naming what to
             pass. For files you did not write.
         """
-        archive = archives.read_archive(path)
-        objects = dict(custom_objects or {})
-        origin = archives.saved_policy_origin(archive)
-        if weights_only:
-            spaces_of_env = None
-            if env is not None:
-                env = cls._wrap_env(env, archive.data.get("verbose", 0))
-                spaces_of_env = (env.observation_space, env.action_space)
-            objects = archives.weights_only_objects(archive, cls.policy_aliases, spaces_of_env, objects)
-        if origin == archives.SB3:
-            # Converted in memory; its deserialised data is handed on whole, so nothing is unpickled twice.
-            path, objects = checkpoints.sb3_archive_to_softac(path, cls.policy_aliases, objects)
-        else:
-            kwargs = {**archives.legacy_settings(archive, kwargs), **kwargs}
-        model = super().load(
+        return archives.load_model(
+            cls,
+            super().load,
             path,
-            env=env,
-            device=device,
-            custom_objects=objects or None,
-            print_system_info=print_system_info,
-            force_reset=force_reset,
-            **kwargs,
+            env,
+            custom_objects,
+            weights_only,
+            dict(device=device, print_system_info=print_system_info, force_reset=force_reset, **kwargs),
         )
-        state_dicts, variables = model._get_torch_save_params()
-        archives.check_finite(
-            {**model.get_parameters(), "pytorch_variables": {name: getattr(model, name) for name in variables}},
-            archive.source,
-        )
-        optimizers = (recursive_getattr(model, name) for name in state_dicts)
-        checkpoints.keep_built_implementation(opt for opt in optimizers if isinstance(opt, th.optim.Optimizer))
-        return model
 
     def save(
         self,

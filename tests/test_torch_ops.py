@@ -92,7 +92,7 @@ def test_a_changed_fused_adam_falls_back(monkeypatch: pytest.MonkeyPatch) -> Non
         real(*args, **kwargs)
 
     monkeypatch.setattr(th, "_fused_adam_", changed)
-    _falls_back(r"torch\._fused_adam_ \(amsgrad=False, torch.float32\) does not step as torch\.optim\.Adam")
+    _falls_back(r"torch\._fused_adam_ \(amsgrad=False, torch.float32\) does not step as Adam does")
 
 
 def test_a_fused_adam_that_ignores_found_inf_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,3 +230,23 @@ def test_public_nonfinite_check_flags_as_the_fused_kernel(dtype: th.dtype, bad: 
     flag = th.ones((), dtype=th.float32)
     torch_ops._public_nonfinite_check([th.ones(2, dtype=dtype)], flag, th.ones((), dtype=th.float32))
     assert float(flag) == 1.0
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("optimizer_class", [th.optim.Adam, th.optim.AdamW])
+def test_the_checks_adam_reference_is_torch_optims(optimizer_class: type[th.optim.Optimizer], amsgrad: bool) -> None:
+    """The definition the fused kernels are checked against gives what torch.optim's for-loop optimizers give."""
+    generator = th.Generator().manual_seed(4)
+    start = th.randn(9, generator=generator, dtype=th.float64)
+    grads = [th.randn(9, generator=generator, dtype=th.float64) for _ in range(3)]
+    reference = start.clone().requires_grad_(True)
+    optimizer = optimizer_class([reference], lr=0.01, weight_decay=0.1, amsgrad=amsgrad, foreach=False)
+    for grad in grads:
+        reference.grad = grad.clone()
+        optimizer.step()
+    group = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=False)
+    param, exp_avg, exp_avg_sq = torch_ops._adam_reference(start, grads, group, optimizer_class is th.optim.AdamW)
+    state = optimizer.state[reference]
+    assert th.allclose(param, reference.detach(), rtol=1e-12, atol=1e-14)
+    assert th.allclose(exp_avg, state["exp_avg"], rtol=1e-12, atol=1e-14)
+    assert th.allclose(exp_avg_sq, state["exp_avg_sq"], rtol=1e-12, atol=1e-14)

@@ -837,7 +837,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def postgresql_url() -> Iterator[str]:
     """
-    Start a throwaway PostgreSQL server on 127.0.0.1 (Debian package ``postgresql``, as ``.ci/install --tests`` installs it).
+    Start a throwaway PostgreSQL server on 127.0.0.1 (Debian package ``postgresql``, as ``.ci/install --tests``
+    installs it).
 
     :return: SQLAlchemy URL of its fresh, empty ``postgres`` database
     """

@@ -170,25 +170,24 @@ def test_update_engine_engine_still_falls_back_on_an_unusable_torch(monkeypatch:
 
 
 @pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [th.float32, th.float64])
-def test_engine_matches_autograd_on_cuda(dtype: th.dtype) -> None:
-    """On CUDA the engine runs only when asked for; its update must then be autograd's."""
+def test_engine_matches_autograd_on_cuda() -> None:
+    """On CUDA the engine runs only when asked for; its float32 updates must then stay with autograd's.
+
+    The float64 comparison of single updates is CPU-only (``tests/test_engine.py``): SB3's preprocessing casts
+    replayed observations to float32.
+    """
     assert _sac(device="cuda").update_path == "autograd"
     models = [_sac(device="cuda", update_engine=choice, learning_starts=40) for choice in ("engine", "autograd")]
-    for model in models:
-        model.policy.to(dtype)
-        if model.log_ent_coef is not None:
-            model.log_ent_coef.data = model.log_ent_coef.data.to(dtype)
     models[1].policy.load_state_dict(models[0].policy.state_dict())
     for model in models:
         np.random.seed(0)  # noqa: NPY002 (SB3's replay buffer samples from the global generator)
         th.manual_seed(0)
-        model.learn(60)
+        model.learn(100)
     assert [model.update_path for model in models] == ["engine", "autograd"]
-    tolerance = 1e-4 if dtype == th.float32 else 1e-9
+    assert models[0]._n_updates == models[1]._n_updates == 60
     expected = models[1].policy.state_dict()
     for name, value in models[0].policy.state_dict().items():
-        assert th.allclose(value, expected[name], rtol=tolerance, atol=tolerance), name
+        assert th.allclose(value, expected[name], rtol=1e-4, atol=1e-5), name
 
 
 def test_the_nonfinite_guard_works_without_its_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -521,7 +521,23 @@ class _CriticPass:
 
 
 class _Buffers:
-    """Preallocated activations and gradients of one batch size, and the views of them that a step uses."""
+    """Preallocated activations and gradients of one batch size, and the views of them that a step uses.
+
+    Three groups of buffers share memory with others (a smaller working set, which the CPU's caches reward). Each
+    is correct only for the order of operations in :meth:`UpdateEngine.gradient_step`; a change of that order must
+    check this table:
+
+    =========================  ==============================  ==============================================
+    buffer                     lives in                        why that memory is free then
+    =========================  ==============================  ==============================================
+    ``target_hidden``          ``critic_hidden``, its first    the soft target is computed, and its
+                               ``target_members`` members      activations dead, before the critics run
+    ``actor_hidden_grad``      ``critic_hidden[i][0]``, where  the actor's backward pass comes after the last
+                               the shapes match                read of the critics' activations
+    ``chosen_hidden``,         ``critic_hidden_grad[i][1]``,   the critic loss's backward pass and step are
+    ``chosen_hidden_grad``     ``critic_hidden_grad[i][0]``    done before the actor's step starts
+    =========================  ==============================  ==============================================
+    """
 
     def __init__(
         self, bound: _Bound, batch_size: int, obs_dim: int, action_dim: int, like: th.Tensor, target_members: int
@@ -546,8 +562,7 @@ class _Buffers:
         self.actor_critic_in = empty(batch_size, obs_dim + action_dim)
         self.critic_hidden = [empty(n_critics, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
         self.critic_hidden_grad = [empty(n_critics, batch_size, layer.weight.shape[2]) for layer in bound.critic[:-1]]
-        # The actor's backward pass comes after the last read of the critics' activations: where the shapes match
-        # (the same net_arch), its gradients take their memory, for a smaller working set.
+        # Shares memory: see the table in the class docstring.
         self.actor_hidden_grad = [
             self.critic_hidden[i][0]
             if i < len(self.critic_hidden) and self.critic_hidden[i].shape[1:] == (batch_size, layer.weight.shape[0])
@@ -563,13 +578,13 @@ class _Buffers:
             weight = empty(target_members, *layer.weight.shape[1:])
             bias = empty(target_members, *layer.bias.shape[1:])
             self.target_subset.append(_Linear(weight, bias, weight, bias))  # no gradient: grad fields unused
-        # The target evaluation is done with its activations before the critics run: they share the memory.
+        # Shares memory: see the table in the class docstring.
         self.target_hidden = [hidden[:target_members] for hidden in self.critic_hidden]
         self.target_q = empty(target_members, batch_size, 1)
         self.action_grad_members = empty(n_critics, batch_size, action_dim)
         # The actor's "min" backward on the CPU (see UpdateEngine._chosen_critic_action_grad, n_critics > 1): each
-        # row's activations and gradients in the critic it takes the minimum from, rows sorted by that critic. They
-        # live in the critic-loss gradients' memory, free by then: a smaller working set is a faster step.
+        # row's activations and gradients in the critic it takes the minimum from, rows sorted by that critic.
+        # Shares memory: see the table in the class docstring.
         several = n_critics > 1
         self.chosen_hidden = [grad[1] for grad in self.critic_hidden_grad] if several else []
         self.chosen_hidden_grad = [grad[0] for grad in self.critic_hidden_grad] if several else []

@@ -351,13 +351,14 @@ class SAC(OffPolicyAlgorithm):
         reason = self._engine_declined()
         if reason is None:
             reason = unsupported_reason(self)
-            if reason is not None and self.update_engine == "engine":
-                raise ValueError(
-                    f"update_engine='engine' cannot run this model's update: {reason}. Use update_engine='auto', "
-                    "which takes the autograd update where the engine does not apply."
-                )
-            ops = engine_ops(self) if reason is None else reason
-            if isinstance(ops, str) and reason is None:
+        if reason is not None and self.update_engine == "engine":
+            raise ValueError(
+                f"update_engine='engine' cannot run this model's update: {reason}. Use update_engine='auto', "
+                "which takes the autograd update where the engine does not apply."
+            )
+        if reason is None:
+            ops = engine_ops(self)
+            if isinstance(ops, str):
                 reason = ops
                 warnings.warn(f"SAC update path: autograd ({reason}).", stacklevel=4)
         self.update_path = "engine" if reason is None else "autograd"

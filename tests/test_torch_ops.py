@@ -162,6 +162,16 @@ def test_update_engine_engine_refuses_a_model_it_does_not_cover() -> None:
         _sac(update_engine="engine", use_sde=True)
 
 
+def test_update_engine_engine_refuses_a_subclass_that_overrides_the_update() -> None:
+    class OwnStep(SAC):
+        def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor) -> None:
+            super()._optimize(optimizer, loss)
+
+    with pytest.raises(ValueError, match=r"the SAC subclass overrides _optimize"):
+        make_sac(VectorBoxEnv(), algo=OwnStep, update_engine="engine")
+    assert make_sac(VectorBoxEnv(), algo=OwnStep).update_path == "autograd"
+
+
 def test_update_engine_engine_still_falls_back_on_an_unusable_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     _hide(monkeypatch, "_fused_adam_")
     with pytest.warns(UserWarning, match=r"torch\._fused_adam_ is missing"):

@@ -18,6 +18,7 @@ with a public fallback where the private kernel is missing or wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Sequence
@@ -329,13 +330,9 @@ def engine_ops_for(device: th.device, dtype: th.dtype) -> EngineOps | str:
             lower, upper = _clamp_convention(device, dtype)
     except OpsUnavailableError as error:
         return f"torch {th.__version__}: {error}"
-    except Exception as error:  # an operation that raises: its name is in the traceback's last frame
+    except Exception as error:  # an operation that raises: the error's own message usually names it
         return f"torch {th.__version__}: an engine operation raised {type(error).__name__}: {error}"
-    return EngineOps(
-        **{name: getattr(ops, name) for name in ops.__dataclass_fields__ if not name.startswith("clamp_")},
-        clamp_passes_lower=lower,
-        clamp_passes_upper=upper,
-    )
+    return dataclasses.replace(ops, clamp_passes_lower=lower, clamp_passes_upper=upper)
 
 
 def _public_nonfinite_check(tensors: list[th.Tensor], flag: th.Tensor, scale: th.Tensor) -> None:

@@ -26,7 +26,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 from sb3_softac import SAC
-from sb3_softac.files import AtomicVecNormalize
+from sb3_softac.atomic_files import AtomicVecNormalize
 
 PREFIX = "rl_model"  # CheckpointCallback's default name_prefix
 

@@ -28,7 +28,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from stable_baselines3.common.utils import get_device
 from torch import nn
 
-from sb3_softac import archives, checkpoints, files
+from sb3_softac import atomic_files, loading, sb3_conversion
 from sb3_softac.distributions import (
     SquashedDiagGaussianDistribution,
     categorical_probs,
@@ -684,7 +684,8 @@ class SACPolicy(BasePolicy):
             self.critic.set_training_mode(mode)
         self.training = mode
 
-    # Policy-only files, as SB3's ``policy.save`` / ``Policy.load`` (read by archives.py, converted by checkpoints.py).
+    # Policy-only files, as SB3's ``policy.save`` / ``Policy.load`` (read by loading.py, converted by
+    # sb3_conversion.py).
 
     def save(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
         """Save the policy alone (its constructor arguments and weights), atomically.
@@ -692,7 +693,7 @@ class SACPolicy(BasePolicy):
         :param path: the file to write (no suffix is added, as in SB3), or a binary stream
         """
         # BaseModel.save hands its argument to torch.save, which takes a binary file object too.
-        files.write_atomically(path, lambda file: BasePolicy.save(self, file))  # type: ignore[arg-type]
+        atomic_files.write_atomically(path, lambda file: BasePolicy.save(self, file))  # type: ignore[arg-type]
 
     def save_as_sb3(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
         """Save the policy alone as ``stable_baselines3.sac.policies.SACPolicy.load`` reads it, atomically.
@@ -701,8 +702,8 @@ class SACPolicy(BasePolicy):
         :raises ValueError: naming each option SB3's SAC policy lacks (discrete actions, critic dropout or
             layer norm, a custom policy class)
         """
-        saved = checkpoints.policy_file_for_sb3(self)
-        files.write_atomically(path, lambda file: th.save(saved, file))  # type: ignore[arg-type]
+        saved = sb3_conversion.policy_file_for_sb3(self)
+        atomic_files.write_atomically(path, lambda file: th.save(saved, file))  # type: ignore[arg-type]
 
     @classmethod
     def load(
@@ -717,7 +718,7 @@ class SACPolicy(BasePolicy):
         :raises ValueError: when the file is no policy file, or holds NaN or inf weights
         """
         device = get_device(device)
-        kwargs, state = archives.read_policy_file(path, device)
+        kwargs, state = loading.read_policy_file(path, device)
         policy = cls(**kwargs)
         policy.load_state_dict(state)
         return policy.to(device)

@@ -18,7 +18,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, ReplayB
 from stable_baselines3.common.utils import get_parameters_by_name, update_learning_rate
 from torch import nn
 
-from sb3_softac import archives, checkpoints, compat, files, train_statistics
+from sb3_softac import atomic_files, compat, loading, sb3_conversion, train_statistics
 from sb3_softac.engine import (
     MINIBATCHES_PER_DRAW,
     UPDATE_ENGINES,
@@ -613,7 +613,7 @@ class SAC(OffPolicyAlgorithm):
             JSON, the rest from ``custom_objects``; an entry with no such substitute is refused, naming what to
             pass. For files you did not write.
         """
-        return archives.load_model(
+        return loading.load_model(
             cls,
             super().load,
             path,
@@ -629,13 +629,13 @@ class SAC(OffPolicyAlgorithm):
         exclude: Iterable[str] | None = None,
         include: Iterable[str] | None = None,
     ) -> None:
-        """Save the model to a zip archive, atomically (see :mod:`sb3_softac.files`).
+        """Save the model to a zip archive, atomically (see :mod:`sb3_softac.atomic_files`).
 
         :param path: where to write (``.zip`` is added to a name without suffix), or a binary stream
         :param exclude: attributes to leave out, besides the default ones
         :param include: attributes to save although excluded by default
         """
-        files.write_atomically(path, lambda file: super(SAC, self).save(file, exclude, include), suffix="zip")
+        atomic_files.write_atomically(path, lambda file: super(SAC, self).save(file, exclude, include), suffix="zip")
 
     def save_as_sb3(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
         """Save the model as a checkpoint that ``stable_baselines3.SAC.load`` reads, with identical actions.
@@ -649,14 +649,14 @@ class SAC(OffPolicyAlgorithm):
         buffer = io.BytesIO()
         super().save(buffer)
         buffer.seek(0)
-        checkpoints.softac_archive_to_sb3(buffer, path, type(self))
+        sb3_conversion.softac_archive_to_sb3(buffer, path, type(self))
 
     def save_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
         """Pickle the replay buffer, atomically (``.pkl`` is added to a name without suffix).
 
         :param path: where to write, or a binary stream
         """
-        files.write_atomically(path, lambda file: super(SAC, self).save_replay_buffer(file), suffix="pkl")
+        atomic_files.write_atomically(path, lambda file: super(SAC, self).save_replay_buffer(file), suffix="pkl")
 
     def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
         """Load a replay buffer pickled by :meth:`save_replay_buffer`, after checking that it fits this model.
@@ -672,7 +672,7 @@ class SAC(OffPolicyAlgorithm):
         previous = getattr(self, "replay_buffer", None)
         super().load_replay_buffer(path, truncate_last_traj)
         try:
-            archives.check_replay_buffer_fits(self.replay_buffer, self, path)
+            loading.check_replay_buffer_fits(self.replay_buffer, self, path)
         except ValueError:
             self.replay_buffer = previous
             raise

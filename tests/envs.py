@@ -33,7 +33,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_softac
 from sb3_softac import SAC, compat
-from sb3_softac.checkpoints import state_dict_from_sb3, state_dict_to_sb3
+from sb3_softac.sb3_conversion import state_dict_from_sb3, state_dict_to_sb3
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: For tests of n-step returns, which stable-baselines3 added in 2.7.

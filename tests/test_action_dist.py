@@ -14,8 +14,8 @@ from torch.distributions import Independent, Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform
 
 from sb3_softac import SAC
-from sb3_softac.checkpoints import state_dict_from_sb3
 from sb3_softac.distributions import SquashedDiagGaussianDistribution
+from sb3_softac.sb3_conversion import state_dict_from_sb3
 
 ACTION_DIM = 3
 SB3_EPSILON = 1e-6  # SB3's log(1 - tanh(u)^2 + 1e-6)

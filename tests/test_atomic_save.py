@@ -26,7 +26,7 @@ from stable_baselines3.common.callbacks import CheckpointCallback, EvalCallback
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-from sb3_softac import SAC, MlpPolicy, files
+from sb3_softac import SAC, MlpPolicy, atomic_files
 
 
 @pytest.fixture
@@ -208,27 +208,27 @@ def test_eval_callback_best_model_is_saved_atomically(
     assert (tmp_path / "best_model.zip").read_bytes() == best
 
 
-@pytest.mark.parametrize("vec_normalize_class", [files.AtomicVecNormalize, VecNormalize])
+@pytest.mark.parametrize("vec_normalize_class", [atomic_files.AtomicVecNormalize, VecNormalize])
 def test_checkpoint_callback_writes_through_the_atomic_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vec_normalize_class: type[VecNormalize]
 ) -> None:
     """``CheckpointCallback`` saves through ``model.save`` and ``save_replay_buffer``, which are atomic; its
-    ``VecNormalize`` file is atomic only with :class:`~sb3_softac.files.AtomicVecNormalize`."""
+    ``VecNormalize`` file is atomic only with :class:`~sb3_softac.atomic_files.AtomicVecNormalize`."""
     atomic: list[str] = []
-    write_atomically = files.write_atomically
+    write_atomically = atomic_files.write_atomically
 
     def recording(destination: Any, write: Any, suffix: str | None = None) -> None:
         atomic.append(Path(destination).name)
         write_atomically(destination, write, suffix)
 
-    monkeypatch.setattr(files, "write_atomically", recording)
+    monkeypatch.setattr(atomic_files, "write_atomically", recording)
     env = vec_normalize_class(DummyVecEnv([lambda: gym.make("Pendulum-v1")]))
     model = SAC("MlpPolicy", env, policy_kwargs=dict(net_arch=[8]), learning_starts=5, batch_size=8, seed=0)
     model.learn(10, callback=CheckpointCallback(10, str(tmp_path), save_replay_buffer=True, save_vecnormalize=True))
 
     written = ["rl_model_10_steps.zip", "rl_model_replay_buffer_10_steps.pkl", "rl_model_vecnormalize_10_steps.pkl"]
     assert _folder_listing(tmp_path) == written
-    expected = written if vec_normalize_class is files.AtomicVecNormalize else written[:2]
+    expected = written if vec_normalize_class is atomic_files.AtomicVecNormalize else written[:2]
     assert sorted(atomic) == expected
     statistics = VecNormalize.load(str(tmp_path / written[2]), DummyVecEnv([lambda: gym.make("Pendulum-v1")]))
     assert type(statistics) is vec_normalize_class
@@ -249,6 +249,8 @@ def test_sb3_vec_normalize_save_is_not_atomic(tmp_path: Path, monkeypatch: pytes
         with pytest.raises(OSError, match="No space"):
             env.save(str(tmp_path / "stats.pkl"))
         with pytest.raises(OSError, match="No space"):
-            files.AtomicVecNormalize(DummyVecEnv([lambda: gym.make("Pendulum-v1")])).save(tmp_path / "atomic.pkl")
+            atomic_files.AtomicVecNormalize(DummyVecEnv([lambda: gym.make("Pendulum-v1")])).save(
+                tmp_path / "atomic.pkl"
+            )
     assert (tmp_path / "stats.pkl").stat().st_size == 0  # SB3's file is gone
     assert _folder_listing(tmp_path) == ["stats.pkl"]  # ours left nothing

@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from sb3_softac import SAC
-from sb3_softac.checkpoints import state_dict_from_sb3
 from sb3_softac.networks import EnsembleMember
+from sb3_softac.sb3_conversion import state_dict_from_sb3
 
 N_CRITICS = 3
 

@@ -11,7 +11,7 @@ import pytest
 import torch as th
 from envs import assert_same_parameters, random_batch, sb3_pair, train_on
 
-from sb3_softac.checkpoints import state_dict_to_sb3
+from sb3_softac.sb3_conversion import state_dict_to_sb3
 
 
 def _pair(env, **kwargs):

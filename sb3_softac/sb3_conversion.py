@@ -5,7 +5,7 @@ copied as is, and what sb3_softac has that SB3 lacks is derived from the two lib
 SB3 -> sb3_softac and sb3_softac -> SB3 are two separate pipelines over the helpers below.
 
 This module knows SB3's layouts, not sb3_softac's classes: the callers pass those in (``policy_aliases``,
-the algorithm class), which keeps the imports one-way (``sac``, ``policies`` and ``archives`` import it).
+the algorithm class), which keeps the imports one-way (``sac``, ``policies`` and ``loading`` import it).
 """
 
 import inspect
@@ -22,7 +22,7 @@ from gymnasium import spaces
 from stable_baselines3.common.save_util import load_from_zip_file, save_to_zip_file
 from stable_baselines3.sac import policies as sb3_policies
 
-from sb3_softac import files
+from sb3_softac import atomic_files
 
 #: The modules that define each library's SAC policy classes.
 SOFTAC_POLICIES = "sb3_softac.policies"
@@ -289,18 +289,18 @@ class _Contents:
                 state_of,
             )
 
-    def write(self, destination: files.Destination) -> None:
+    def write(self, destination: atomic_files.Destination) -> None:
         save_to_zip_file(destination, data=self.data, params=self.params, pytorch_variables=self.pytorch_variables)
 
 
-def _read_contents(path: files.Destination, custom_objects: Mapping[str, Any] | None) -> _Contents:
+def _read_contents(path: atomic_files.Destination, custom_objects: Mapping[str, Any] | None) -> _Contents:
     data, params, pytorch_variables = load_from_zip_file(path, custom_objects=dict(custom_objects or {}), device="cpu")
     assert data is not None  # read_archive checked that there is a 'data' member
     return _Contents(data, dict(params), pytorch_variables)
 
 
 def sb3_archive_to_softac(
-    path: files.Destination, policy_aliases: Mapping[str, type], custom_objects: Mapping[str, Any] | None = None
+    path: atomic_files.Destination, policy_aliases: Mapping[str, type], custom_objects: Mapping[str, Any] | None = None
 ) -> tuple[io.BytesIO, dict[str, Any]]:
     """Convert an archive written by ``stable_baselines3.SAC.save`` into an sb3_softac archive, in memory.
 
@@ -339,7 +339,9 @@ def _softac_policy_class(path: Any, saved: Any, policy_aliases: Mapping[str, typ
     )
 
 
-def softac_archive_to_sb3(source: files.Destination, destination: files.Destination, algorithm: type) -> None:
+def softac_archive_to_sb3(
+    source: atomic_files.Destination, destination: atomic_files.Destination, algorithm: type
+) -> None:
     """Write an sb3_softac archive as one that ``stable_baselines3.SAC.load`` reads, atomically.
 
     :param source: the sb3_softac archive
@@ -361,7 +363,7 @@ def softac_archive_to_sb3(source: files.Destination, destination: files.Destinat
         for group in contents.params.get(name, {}).get("param_groups", []):
             if group.get("fused"):
                 group["fused"] = None
-    files.write_atomically(destination, contents.write, suffix="zip")
+    atomic_files.write_atomically(destination, contents.write, suffix="zip")
 
 
 def check_sb3_can_represent(

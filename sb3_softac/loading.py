@@ -30,7 +30,7 @@ from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
 from stable_baselines3.common.save_util import open_path, recursive_getattr
 from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 
-from sb3_softac import checkpoints, files
+from sb3_softac import atomic_files, sb3_conversion
 
 #: Whose SAC an archive holds (see :func:`saved_policy_origin`).
 SOFTAC = "sb3_softac"
@@ -43,7 +43,7 @@ SB3 = "stable_baselines3"
 def load_model(
     cls: Any,
     load: Callable[..., Any],
-    path: files.Destination,
+    path: atomic_files.Destination,
     env: Any,
     custom_objects: dict[str, Any] | None,
     weights_only: bool,
@@ -74,7 +74,7 @@ def load_model(
             spaces_of_env = (env.observation_space, env.action_space)
         objects = weights_only_objects(archive, cls.policy_aliases, spaces_of_env, objects)
     if origin == SB3:
-        path, objects = checkpoints.sb3_archive_to_softac(path, cls.policy_aliases, objects)
+        path, objects = sb3_conversion.sb3_archive_to_softac(path, cls.policy_aliases, objects)
     else:
         load_kwargs = {**legacy_settings(archive, load_kwargs), **load_kwargs}
     model = load(path, env=env, custom_objects=objects or None, **load_kwargs)
@@ -84,7 +84,7 @@ def load_model(
         archive.source,
     )
     optimizers = (recursive_getattr(model, name) for name in state_dicts)
-    checkpoints.keep_built_implementation(opt for opt in optimizers if isinstance(opt, th.optim.Optimizer))
+    sb3_conversion.keep_built_implementation(opt for opt in optimizers if isinstance(opt, th.optim.Optimizer))
     return model
 
 
@@ -135,7 +135,7 @@ def _first_member_name(head: bytes) -> str | None:
     return head[_LOCAL_HEADER_SIZE : _LOCAL_HEADER_SIZE + name_length].decode("utf-8", "replace")
 
 
-def read_archive(path: files.Destination) -> Archive:
+def read_archive(path: atomic_files.Destination) -> Archive:
     """Open a model archive and check that it is whole, before anything is unpickled or built.
 
     :param path: the archive, as ``BaseAlgorithm.load`` accepts it (the ``.zip`` suffix may be left out)
@@ -263,16 +263,16 @@ def saved_policy_origin(archive: Archive) -> str:
     :raises ValueError: naming what the archive holds, and the class that loads it, when it is no SAC model
     """
     saved = saved_class(archive.data.get("policy_class"))
-    if saved is not None and saved.module == checkpoints.SOFTAC_POLICIES:
+    if saved is not None and saved.module == sb3_conversion.SOFTAC_POLICIES:
         return SOFTAC
-    if saved is not None and saved.module == checkpoints.SB3_POLICIES:
+    if saved is not None and saved.module == sb3_conversion.SB3_POLICIES:
         return SB3
     if saved is not None and saved.module.split(".")[0] in (SB3, "sb3_contrib"):
         raise _not_sac(archive.source, f"a {saved} policy", saved.module)
     keys = th.load(io.BytesIO(archive.read_member("policy.pth")), map_location="cpu", weights_only=True).keys()
-    if any(checkpoints.OUR_CRITIC_KEY.match(key) for key in keys):
+    if any(sb3_conversion.OUR_CRITIC_KEY.match(key) for key in keys):
         return SOFTAC
-    if any(checkpoints.SB3_CRITIC_KEY.match(key) for key in keys):
+    if any(sb3_conversion.SB3_CRITIC_KEY.match(key) for key in keys):
         return SB3
     holds = f"a {saved} policy" if saved is not None else "no readable policy class"
     raise _not_sac(archive.source, f"{holds} without SAC critics", saved.module if saved else "")
@@ -346,9 +346,9 @@ def _readable_substitute(key: str, entry: dict[str, Any], policy_aliases: Mappin
         return None
     if key == "policy_class":
         saved = saved_class(entry)
-        if saved is None or saved.module not in (checkpoints.SOFTAC_POLICIES, checkpoints.SB3_POLICIES):
+        if saved is None or saved.module not in (sb3_conversion.SOFTAC_POLICIES, sb3_conversion.SB3_POLICIES):
             return _UNREADABLE
-        return checkpoints.policy_class_named(saved.name, policy_aliases) or _UNREADABLE
+        return sb3_conversion.policy_class_named(saved.name, policy_aliases) or _UNREADABLE
     if key == "replay_buffer_class":
         saved = saved_class(entry)
         return (saved and _trusted_class(saved.module, saved.name)) or _UNREADABLE
@@ -428,7 +428,9 @@ def legacy_settings(archive: Archive, given: Mapping[str, Any]) -> dict[str, Any
 # Policy-only files
 
 
-def read_policy_file(path: files.Destination, device: th.device | str) -> tuple[dict[str, Any], dict[str, th.Tensor]]:
+def read_policy_file(
+    path: atomic_files.Destination, device: th.device | str
+) -> tuple[dict[str, Any], dict[str, th.Tensor]]:
     """The constructor arguments and the state dict (in sb3_softac's layout) of a policy file of either library.
 
     The file is unpickled (``torch.load(weights_only=False)``, as SB3's ``BaseModel.load`` does).
@@ -448,8 +450,8 @@ def read_policy_file(path: files.Destination, device: th.device | str) -> tuple[
     if not (isinstance(saved, Mapping) and isinstance(saved.get("data"), dict) and "state_dict" in saved):
         raise ValueError(not_a_policy)
     state = saved["state_dict"]
-    if any(checkpoints.SB3_CRITIC_KEY.match(key) for key in state):
-        state = checkpoints.state_dict_from_sb3(state, source=path)
+    if any(sb3_conversion.SB3_CRITIC_KEY.match(key) for key in state):
+        state = sb3_conversion.state_dict_from_sb3(state, source=path)
     check_finite({"state_dict": state}, path)
     return dict(saved["data"]), state
 

@@ -58,6 +58,10 @@ class EnsembleLinear(nn.Module):
         return f"n_members={self.n_members}, in_features={self.in_features}, out_features={self.out_features}"
 
 
+#: The layer normalisation's ``eps`` (``torch.nn.LayerNorm``'s default).
+LAYER_NORM_EPS = 1e-5
+
+
 class EnsembleLayerNorm(nn.Module):
     """Layer normalisation over the features with a separate affine transform for each member.
 
@@ -71,7 +75,7 @@ class EnsembleLayerNorm(nn.Module):
         self.bias = nn.Parameter(th.zeros(n_members, 1, features))
 
     def forward(self, x: th.Tensor) -> th.Tensor:
-        return th.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
+        return th.addcmul(self.bias, F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS), self.weight)
 
 
 class EnsembleMLP(nn.Module):

@@ -1,12 +1,13 @@
 """The private PyTorch operations that the update engine calls, found and checked before their first use.
 
 The engine (:mod:`sb3_softac.engine`) calls operations that PyTorch does not promise to keep: the fused Adam/AdamW
-kernels, foreach kernels, two ATen backward kernels, and the hook dictionaries of modules, tensors and optimizers
-(the engine runs no module and no autograd, so it must see every hook that it would bypass). A release may rename,
-remove or change any of them. :func:`engine_ops_for` finds each one and runs it once per device and dtype on small
-tensors, called as the engine calls it, against the public PyTorch operation that defines it. A missing operation,
-one that raises, or one whose result differs, makes the model train through autograd, with a warning that names it
-(see ``SAC.update_path``), so that a PyTorch release never changes the update silently.
+kernels, foreach kernels, ATen's layer-norm forward and three backward kernels, and the hook dictionaries of
+modules, tensors and optimizers (the engine runs no module and no autograd, so it must see every hook that it would
+bypass). A release may rename, remove or change any of them. :func:`engine_ops_for` finds each one and runs it once
+per device and dtype on small tensors, called as the engine calls it, against the public PyTorch operation that
+defines it. A missing operation, one that raises, or one whose result differs, makes the model train through
+autograd, with a warning that names it (see ``SAC.update_path``), so that a PyTorch release never changes the update
+silently.
 
 It also reads a convention that autograd has changed between releases: whether ``clamp`` passes the gradient at
 its bounds (it did up to torch 2.13 and does not from 2.14 on). The engine's log-std clamp follows what autograd
@@ -31,6 +32,7 @@ from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as torch_optimizer
 
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN, clamp_log_std
+from sb3_softac.networks import LAYER_NORM_EPS
 
 Activation = Literal["relu", "tanh"]
 #: Called as ``check(tensors, flag, scale)``: sets ``flag`` to 1 where a tensor holds NaN or inf (see nonfinite).
@@ -62,6 +64,8 @@ class EngineOps:
     foreach_lerp_: Callable[..., None]
     threshold_backward: Callable[..., th.Tensor]
     tanh_backward: Callable[..., th.Tensor]
+    native_layer_norm: Callable[..., tuple[th.Tensor, th.Tensor, th.Tensor]]
+    native_layer_norm_backward: Callable[..., tuple[th.Tensor | None, ...]]
     #: Whether autograd's ``clamp`` passes the gradient where the input equals the lower (upper) bound.
     clamp_passes_lower: bool = True
     clamp_passes_upper: bool = True
@@ -76,6 +80,8 @@ class EngineOps:
             foreach_lerp_=_lookup(th, "_foreach_lerp_"),
             threshold_backward=_lookup(th, "ops.aten.threshold_backward.grad_input"),
             tanh_backward=_lookup(th, "ops.aten.tanh_backward.grad_input"),
+            native_layer_norm=_lookup(th, "native_layer_norm"),
+            native_layer_norm_backward=_lookup(th, "ops.aten.native_layer_norm_backward.default"),
         )
 
     def adam_(
@@ -132,6 +138,19 @@ class EngineOps:
             self.threshold_backward(grad, output, 0, grad_input=out)
         else:
             self.tanh_backward(grad, output, grad_input=out)
+
+    def layer_norm(self, z: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """``xhat = (z - mean) * rstd`` over the last dimension, with the mean and ``rstd`` (new tensors), as
+        :class:`sb3_softac.networks.EnsembleLayerNorm` normalises before its affine transform."""
+        return self.native_layer_norm(z, z.shape[-1:], None, None, LAYER_NORM_EPS)
+
+    def layer_norm_backward(self, grad: th.Tensor, z: th.Tensor, mean: th.Tensor, rstd: th.Tensor) -> th.Tensor:
+        """The gradient w.r.t. ``z`` of :meth:`layer_norm`'s ``xhat``, given the gradient ``grad`` w.r.t. it (new)."""
+        grad_z, _, _ = self.native_layer_norm_backward(
+            grad, z, z.shape[-1:], mean, rstd, None, None, [True, False, False]
+        )
+        assert grad_z is not None
+        return grad_z
 
     def clamp_mask(self, raw: th.Tensor, clamped: th.Tensor, out: th.Tensor) -> None:
         """Where autograd's log-std clamp passes the gradient: inside the bounds, and on each bound where it does."""
@@ -255,6 +274,23 @@ def _check_activations(ops: EngineOps, device: th.device, dtype: th.dtype) -> No
             raise OpsUnavailableError(f"torch.ops.aten.{op}.grad_input differs from autograd's {activation} ({dtype})")
 
 
+def _check_layer_norm(ops: EngineOps, device: th.device, dtype: th.dtype) -> None:
+    generator = th.Generator().manual_seed(3)
+    z = th.randn(2, 3, 6, generator=generator, dtype=th.float64).to(device, dtype)
+    grad = th.randn(2, 3, 6, generator=generator, dtype=th.float64).to(device, dtype)
+    inputs = z.clone().requires_grad_(True)
+    with th.enable_grad():
+        output = nn.functional.layer_norm(inputs, z.shape[-1:], eps=LAYER_NORM_EPS)
+        (expected,) = th.autograd.grad(output, inputs, grad)
+    xhat, mean, rstd = ops.layer_norm(z)
+    if not _close(xhat, output.detach()) or not _close(
+        rstd, (z.var(-1, unbiased=False, keepdim=True) + LAYER_NORM_EPS).rsqrt()
+    ):
+        raise OpsUnavailableError(f"torch.native_layer_norm differs from torch.nn.functional.layer_norm ({dtype})")
+    if not _close(ops.layer_norm_backward(grad, z, mean, rstd), expected):
+        raise OpsUnavailableError(f"torch.ops.aten.native_layer_norm_backward differs from autograd's ({dtype})")
+
+
 def _check_hooks() -> None:
     """Each hook dictionary that the engine reads holds a hook registered through PyTorch's public API."""
     module = nn.Linear(1, 1)
@@ -326,6 +362,7 @@ def engine_ops_for(device: th.device, dtype: th.dtype) -> EngineOps | str:
             _check_adam(ops, device, dtype)
             _check_polyak(ops, device, dtype)
             _check_activations(ops, device, dtype)
+            _check_layer_norm(ops, device, dtype)
             _check_hooks()
             lower, upper = _clamp_convention(device, dtype)
     except OpsUnavailableError as error:

@@ -8,7 +8,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.logger import Logger
 
-import sb3_softac.engine
+import sb3_softac.engine.update
 import sb3_softac.sac
 from sb3_softac import SAC
 from sb3_softac.losses import reduce_critics
@@ -92,7 +92,7 @@ def test_actor_loss_uses_the_named_reduction(
         return original(*args)
 
     monkeypatch.setattr(sb3_softac.sac, "min_over_critics", spy)
-    monkeypatch.setattr(sb3_softac.engine, "min_over_critics", spy)  # the update engine's target calls it too
+    monkeypatch.setattr(sb3_softac.engine.update, "min_over_critics", spy)  # the update engine's target calls it too
     model.train(4, 32)
     assert model.logger.name_to_value["train/actor_loss"] == pytest.approx(expected_actor_loss, abs=1e-6)
     # The target's reduction is the subset minimum alone, whatever the actor does.

@@ -18,7 +18,7 @@ from stable_baselines3.common.logger import Logger
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import sb3_softac.engine
+import sb3_softac.engine.update
 import sb3_softac.sac
 from sb3_softac import SAC
 from sb3_softac.networks import EnsembleLayerNorm, EnsembleLinear
@@ -58,8 +58,8 @@ def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict, 
         return result
 
     monkeypatch.setattr(sb3_softac.sac, name, spy)
-    if hasattr(sb3_softac.engine, name):  # the update engine computes its forward values with the same functions
-        monkeypatch.setattr(sb3_softac.engine, name, spy)
+    if hasattr(sb3_softac.engine.update, name):  # the update engine computes its forward values with the same functions
+        monkeypatch.setattr(sb3_softac.engine.update, name, spy)
     return calls
 
 

@@ -21,10 +21,11 @@ from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from torch import nn
 
 import sb3_softac.engine
+import sb3_softac.engine.update
 import sb3_softac.losses
 from sb3_softac import SAC
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN
-from sb3_softac.engine import MINIBATCHES_PER_DRAW
+from sb3_softac.engine import MINIBATCHES_PER_DRAW, derivatives
 from sb3_softac.policies import SACPolicy
 
 BATCH = 32
@@ -146,6 +147,28 @@ CONFIGURATIONS = {
     "no-hidden-layers": dict(policy_kwargs=dict(net_arch=[])),
     "qf-lr-and-target-interval": dict(qf_learning_rate=1e-3, target_update_interval=2, tau=0.1),
     "adamw": dict(policy_kwargs=dict(optimizer_class=th.optim.AdamW, optimizer_kwargs=dict(weight_decay=0.1))),
+    # Critic dropout (masks drawn as nn.Dropout draws them, so both paths drop the same units) and layer norm.
+    "dropout": dict(policy_kwargs=dict(dropout_rate=0.2)),
+    "layer-norm": dict(policy_kwargs=dict(layer_norm=True)),
+    "droq": dict(policy_kwargs=dict(dropout_rate=0.2, layer_norm=True)),
+    "droq-tanh-1-critic": dict(
+        policy_kwargs=dict(dropout_rate=0.2, layer_norm=True, activation_fn=nn.Tanh, n_critics=1)
+    ),
+    "droq-3-critics-deep": dict(
+        policy_kwargs=dict(dropout_rate=0.2, layer_norm=True, n_critics=3, net_arch=dict(pi=[8], qf=[20, 10, 6]))
+    ),
+    "droq-redq": dict(
+        policy_kwargs=dict(dropout_rate=0.2, layer_norm=True, n_critics=10),
+        critic_subset_size=2,
+        actor_q_reduction="mean",
+    ),
+    "layer-norm-subset": dict(policy_kwargs=dict(layer_norm=True, n_critics=4), critic_subset_size=2),
+    "droq-adamw-fixed-alpha": dict(
+        ent_coef=0.1,
+        policy_kwargs=dict(
+            dropout_rate=0.2, layer_norm=True, optimizer_class=th.optim.AdamW, optimizer_kwargs=dict(weight_decay=0.1)
+        ),
+    ),
 }
 
 
@@ -175,8 +198,16 @@ def test_one_update_matches_autograd(monkeypatch: pytest.MonkeyPatch, config: di
         dict(target_update_interval=3, tau=0.5, qf_learning_rate=1e-2, learning_rate=1e-2),
         dict(policy_kwargs=dict(optimizer_class=th.optim.AdamW, optimizer_kwargs=dict(weight_decay=0.1, amsgrad=True))),
         dict(policy_kwargs=dict(optimizer_kwargs=dict(fused=False, betas=(0.5, 0.9), maximize=False))),
+        dict(policy_delay=3, target_update_interval=2, policy_kwargs=dict(dropout_rate=0.2, layer_norm=True)),
     ],
-    ids=["policy-delay-2", "redq-delay-3-fixed-alpha", "target-interval-3", "adamw-amsgrad", "unfused-adam"],
+    ids=[
+        "policy-delay-2",
+        "redq-delay-3-fixed-alpha",
+        "target-interval-3",
+        "adamw-amsgrad",
+        "unfused-adam",
+        "droq-delay-3",
+    ],
 )
 def test_several_updates_in_one_call_match_autograd(monkeypatch: pytest.MonkeyPatch, config: dict) -> None:
     """``gradient_steps`` > 1: the engine draws every minibatch at once, autograd one by one; same rows here."""
@@ -250,8 +281,8 @@ def test_redq_target_evaluates_only_the_drawn_critics(monkeypatch: pytest.Monkey
         reduced.append(q_values.clone())
         return sb3_softac.losses.min_over_critics(q_values, subset_size)
 
-    monkeypatch.setattr(sb3_softac.engine, "draw_critic_subset", draw)
-    monkeypatch.setattr(sb3_softac.engine, "min_over_critics", minimum)
+    monkeypatch.setattr(sb3_softac.engine.update, "draw_critic_subset", draw)
+    monkeypatch.setattr(sb3_softac.engine.update, "min_over_critics", minimum)
     pool = ReplayBufferSamples(*(None if x is None else x.float() for x in _batches(2, 20 * BATCH)))
     _train(model, pool, 20)
     assert len(drawn) == len(reduced) == 20
@@ -289,25 +320,29 @@ def test_log_std_clamp_stops_the_gradient_outside_its_bounds(monkeypatch: pytest
         assert (value != 0.0) == (passes == 1.0)  # on the bounds: as autograd on this release
 
 
-def test_pendulum_200_steps_stay_with_autograd() -> None:
-    """Two learn() runs from one seed in float32, 200 gradient steps: the paths must not drift apart."""
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(gradient_steps=2, policy_delay=2, policy_kwargs=dict(dropout_rate=0.01, layer_norm=True))],
+    ids=["sac", "droq"],
+)
+def test_pendulum_200_steps_stay_with_autograd(options: dict) -> None:
+    """Two learn() runs from one seed in float32, 200 gradient steps: the paths must not drift apart.
+
+    With critic dropout the two paths draw the same masks from the same generator in the same order: a mask drawn
+    differently would send them apart at once.
+    """
 
     def run(update_engine: str) -> SAC:
-        model = SAC(
-            "MlpPolicy",
-            "Pendulum-v1",
-            learning_starts=100,
-            batch_size=64,
-            policy_kwargs=dict(net_arch=[64, 64]),
-            seed=0,
-            update_engine=update_engine,
-        )
+        kwargs = dict(dict(learning_starts=100, batch_size=64, seed=0), **options)
+        kwargs["policy_kwargs"] = dict(net_arch=[64, 64], **options.get("policy_kwargs", {}))
+        kwargs["train_freq"] = kwargs.pop("train_freq", 1)
+        model = SAC("MlpPolicy", "Pendulum-v1", update_engine=update_engine, **kwargs)
         model.learn(300)
         return model
 
     engine, reference = run("auto"), run("autograd")
     assert engine.update_path == "engine" and reference.update_path == "autograd"
-    assert engine._n_updates == reference._n_updates == 200
+    assert engine._n_updates == reference._n_updates == 200 * options.get("gradient_steps", 1)
     expected = reference.policy.state_dict()
     for name, value in engine.policy.state_dict().items():
         th.testing.assert_close(value, expected[name], atol=1e-4, rtol=0.0, msg=lambda m, k=name: f"{k}: {m}")
@@ -355,7 +390,7 @@ def test_min_ties_route_to_the_first_critic(monkeypatch: pytest.MonkeyPatch, n_c
 @pytest.mark.parametrize("config", ["2-critics", "3-critics", "subset-min-actor", "no-hidden-layers", "deep-wide"])
 def test_min_backward_without_host_counts_matches_autograd(monkeypatch: pytest.MonkeyPatch, config: str) -> None:
     """Where counts cannot be read on the host for free (CUDA), the "min" backward runs every critic on every row."""
-    monkeypatch.setattr(sb3_softac.engine, "_counts_on_host", lambda device: False)
+    monkeypatch.setattr(sb3_softac.engine.update, "_counts_on_host", lambda device: False)
     engine, reference = _pair(monkeypatch, 2, **CONFIGURATIONS[config])
     pool = _batches(2, 2 * BATCH)
     _train_both(engine, reference, pool, 2)
@@ -415,8 +450,6 @@ FALLBACKS = {
     "images": (SAC, "CnnPolicy", partial(ImageEnv, action_space=BOX), dict(buffer_size=100), "policy class"),
     "images-mlp": (SAC, "MlpPolicy", partial(ImageEnv, action_space=BOX), dict(buffer_size=100), "image"),
     "gsde": (SAC, "MlpPolicy", VectorBoxEnv, dict(use_sde=True), "gSDE"),
-    "dropout": (SAC, "MlpPolicy", VectorBoxEnv, dict(policy_kwargs=dict(dropout_rate=0.01)), "dropout"),
-    "layer-norm": (SAC, "MlpPolicy", VectorBoxEnv, dict(policy_kwargs=dict(layer_norm=True)), "layer norm"),
     "elu": (SAC, "MlpPolicy", VectorBoxEnv, dict(policy_kwargs=dict(activation_fn=nn.ELU)), "ELU"),
     "shared-extractor": (
         SAC,
@@ -635,15 +668,15 @@ def test_engine_forward_passes_equal_the_modules(monkeypatch: pytest.MonkeyPatch
     actions = th.rand(BATCH, 3, generator=generator, dtype=th.float64) * 2 - 1
     with th.no_grad():
         model.actor.log_std.bias.copy_(th.tensor([-30.0, 0.0, 5.0], dtype=th.float64))
-    buf = engine._buffers_for(BATCH, OBS_DIM, 3, bound.mu.weight, None)
+    buf = engine._buffers_for(BATCH, OBS_DIM, 3, bound.mu.weight, 3)
     rows = buf.next_rows
     with th.inference_mode():
         rows.actor_in.copy_(obs)
         rows.noise.normal_(generator=generator)
-        sb3_softac.engine.UpdateEngine._actor_forward(bound, rows)
+        derivatives.actor_forward(bound.actor_hidden, bound.mu, bound.log_std, bound.activation, rows)
         buf.critic_pass.obs.copy_(obs)
         buf.critic_pass.actions.copy_(actions)
-        sb3_softac.engine.UpdateEngine._critic_forward(bound.critic, bound.activation, buf.critic_pass)
+        derivatives.critic_forward(bound.critic, bound.critic_head, bound.activation, bound.ops, buf.critic_pass)
         engine_q = buf.q.clone()
         engine_actor = [t.clone() for t in (rows.mean, rows.log_std, rows.actions)]
         noise = rows.noise.clone()

@@ -690,3 +690,42 @@ def test_engine_forward_passes_equal_the_modules(monkeypatch: pytest.MonkeyPatch
         _assert_relative(actual, expected, name, rel=1e-12)
     assert {float(v) for v in log_std[:, 0]} == {LOG_STD_MIN} and {float(v) for v in log_std[:, 2]} == {LOG_STD_MAX}
     _assert_relative(engine_q, expected_q, "q", rel=1e-12)
+
+
+def _dropouts(model: SAC, target: bool) -> list[nn.Dropout]:
+    critic = model.critic_target if target else model.critic
+    return [module for module in critic.q_networks.layers if isinstance(module, nn.Dropout)]
+
+
+def test_dropout_modes_and_rates_changed_between_calls_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target critics' dropout switched off, then every rate changed: the engine follows each change."""
+    engine, reference = _pair(monkeypatch, 2, policy_kwargs=dict(dropout_rate=0.2, layer_norm=True))
+    pool = _batches(2, 3 * BATCH)
+    _train_both(engine, reference, pool, 1)
+    for model in (engine, reference):
+        for dropout in _dropouts(model, target=True):
+            dropout.eval()
+    _train_both(engine, reference, pool, 1)
+    assert engine.update_path == "engine"
+    _assert_same_update(engine, reference)
+    for model in (engine, reference):
+        for dropout in [*_dropouts(model, target=False), *_dropouts(model, target=True)]:
+            dropout.train()
+            dropout.p = 0.5
+    _train_both(engine, reference, pool, 1)
+    assert engine.update_path == "engine"
+    _assert_same_update(engine, reference)
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_a_dropout_rate_the_engine_does_not_draw_falls_back(rate: float) -> None:
+    """At p=0 and p=1 nn.Dropout draws differently (nothing at all at 1): autograd takes over, with a warning."""
+    model = SAC(
+        "MlpPolicy", VectorBoxEnv(), learning_starts=0, batch_size=8, seed=0, policy_kwargs=dict(dropout_rate=0.1)
+    )
+    model.learn(5)
+    assert model.update_path == "engine"
+    _dropouts(model, target=False)[0].p = rate
+    with pytest.warns(UserWarning, match=f"drops at p={rate}"):
+        model.learn(5, reset_num_timesteps=False)
+    assert model.update_path == "autograd"

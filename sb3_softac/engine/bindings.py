@@ -14,7 +14,14 @@ import torch as th
 from torch import nn
 
 from sb3_softac.engine.adam import AdamStep
-from sb3_softac.engine.coverage import ACTIVATIONS, EngineModel, critic_layers, dropout_rate, trained_parameters
+from sb3_softac.engine.coverage import (
+    ACTIVATIONS,
+    EngineModel,
+    critic_layers,
+    dropout_rate,
+    dropout_reason,
+    trained_parameters,
+)
 from sb3_softac.engine.derivatives import CriticLayer, Layer, Norm
 from sb3_softac.networks import EnsembleLinear
 from sb3_softac.policies import Actor
@@ -169,11 +176,15 @@ class Bound:
             bound.grads.append((log_ent_coef, bound.log_ent_coef_grad))
         return bound
 
-    def read_dropout_modes(self) -> None:
-        """Take each dropout layer's rate as it is now (its ``p``, or 0 in evaluation mode)."""
+    def read_dropout_modes(self) -> str | None:
+        """Take each dropout layer's rate as it is now (its ``p``, or 0 in evaluation mode), or say why not."""
+        reason = dropout_reason([*self.dropouts, *self.target_dropouts])
+        if reason is not None:
+            return reason
         for layers, dropouts in ((self.critic, self.dropouts), (self.critic_target, self.target_dropouts)):
             for layer, dropout in zip(layers, dropouts, strict=True):
                 layer.dropout_rate = dropout_rate(dropout)
+        return None
 
     def grads_in_place(self) -> bool:
         """Whether every parameter still holds the gradient tensor the engine writes into."""

@@ -58,6 +58,18 @@ def dropout_rate(dropout: nn.Dropout | None) -> float:
     return float(dropout.p) if dropout is not None and dropout.training else 0.0
 
 
+def dropout_reason(dropouts: Sequence[nn.Dropout | None]) -> str | None:
+    """Why a critic dropout layer, as it is now, is not one the engine draws as ``nn.Dropout`` does, or None.
+
+    ``p`` may be changed on a built model. At 0 and 1 ``nn.Dropout`` draws differently (nothing at 1), so the
+    engine takes rates strictly between.
+    """
+    for dropout in dropouts:
+        if dropout is not None and not 0.0 < dropout.p < 1.0:
+            return f"a critic dropout layer drops at p={dropout.p}, not strictly between 0 and 1"
+    return None
+
+
 class EngineModel(Protocol):
     """What the engine reads of a model (``sb3_softac.SAC`` has it all): spaces, networks, optimizers, temperature."""
 
@@ -125,9 +137,9 @@ def unsupported_reason(model: EngineModel) -> str | None:
         structure = critic_layers(network.q_networks.layers, activation)
         if structure is None:
             return "the critics are not linear layers, dropout, layer norms and activations"
-        for _, dropout, _ in structure[0]:
-            if dropout is not None and (dropout.inplace or not 0.0 < dropout.p < 1.0):
-                return f"a critic dropout layer drops at p={dropout.p} (inplace={dropout.inplace}), not in (0, 1)"
+        reason = dropout_reason([dropout for _, dropout, _ in structure[0]])
+        if reason is not None:
+            return reason
     if len(model.batch_norm_stats) > 0:
         return "batch normalisation is covered by the autograd update only"
     optimizers: dict[str, tuple[th.optim.Optimizer, list[th.Tensor]]] = {

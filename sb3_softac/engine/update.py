@@ -100,8 +100,11 @@ class UpdateEngine:
             reason = hooks_reason(snapshot.modules, snapshot.parameters)
             if reason is not None:
                 return reason
-        # Dropout layers may have been switched to evaluation mode (or back) since the last call.
-        self._bound.read_dropout_modes()
+        # Dropout layers may have been switched to evaluation mode (or back), or their rate changed, since the last
+        # call.
+        reason = self._bound.read_dropout_modes()
+        if reason is not None:
+            return reason
         # The optimizers' state tensors may have been replaced (load_state_dict) since the last call.
         for step in (self._bound.actor_optimizer, self._bound.critic_optimizer, self._bound.ent_coef_optimizer):
             if step is not None:

@@ -168,6 +168,30 @@ def zoo_hyperparams(env_id: str, file_name: str = "softac.yml") -> dict[str, Any
     return settings
 
 
+# The packaged zoo file of each high update-to-data method. They list MuJoCo tasks only, all with the same settings
+# (one YAML anchor per file): the HalfCheetah-v5 entry stands for them on an environment the file does not list.
+METHOD_FILES = {"REDQ": "softac_redq.yml", "DroQ": "softac_droq.yml"}
+METHOD_ENTRY = "HalfCheetah-v5"
+
+
+def method_hyperparams(method: str, env_id: str = METHOD_ENTRY) -> dict[str, Any]:
+    """Constructor arguments of ``SAC`` for a high update-to-data method, from its packaged zoo file.
+
+    :param method: ``DroQ`` or ``REDQ`` (a key of ``METHOD_FILES``)
+    :param env_id: Gymnasium id; its own entry when the file lists it, else the ``METHOD_ENTRY`` entry (the
+        files' MuJoCo settings, e.g. for Pendulum-v1)
+    :return: keyword arguments for ``SAC(...)``, the whole entry (budget settings such as ``learning_starts``
+        included), JSON-serialisable
+    :raises ValueError: for an unknown method
+    """
+    if method not in METHOD_FILES:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_FILES)}")
+    try:
+        return zoo_hyperparams(env_id, METHOD_FILES[method])
+    except KeyError:
+        return zoo_hyperparams(METHOD_ENTRY, METHOD_FILES[method])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The evaluation rule
 # ----------------------------------------------------------------------------------------------------------------

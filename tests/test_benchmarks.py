@@ -7,6 +7,7 @@ pytest's ``pythonpath`` setting), so worker processes can unpickle their jobs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,8 +23,10 @@ import speed
 import stable_baselines3 as sb3
 import yaml
 from scipy import stats
+from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch.utils.flop_counter import FlopCounterMode
 
+import sb3_softac
 import sb3_softac.hyperparams
 
 TINY_NET = ["--net-arch", "16", "16"]
@@ -49,6 +52,14 @@ def test_zoo_hyperparams_are_the_packaged_entries() -> None:
     assert redq["actor_q_reduction"] == "mean"
     with pytest.raises(KeyError, match="no entry for Pendulum-v1"):
         common.zoo_hyperparams("Pendulum-v1", "softac_redq.yml")
+    # A method's file lists MuJoCo tasks only: its MuJoCo entry serves the others.
+    assert common.method_hyperparams("REDQ", "Hopper-v5") == redq
+    assert common.method_hyperparams("REDQ", "Pendulum-v1") == common.zoo_hyperparams(
+        "HalfCheetah-v5", "softac_redq.yml"
+    )
+    assert common.method_hyperparams("DroQ", "Pendulum-v1")["policy_kwargs"]["dropout_rate"] == 0.01
+    with pytest.raises(ValueError, match="unknown method 'TD3'"):
+        common.method_hyperparams("TD3")
 
 
 @pytest.mark.parametrize(
@@ -211,6 +222,142 @@ def test_returns_main_json_png_and_from_json(tmp_path: Path, capsys: pytest.Capt
     assert "Welch p" in capsys.readouterr().out
     assert (regen_dir / "returns_Pendulum-v1_140.png").is_file()
     assert (regen_dir / "returns_Pendulum-v1_140.md").is_file()
+
+
+def test_paths_preset_builds_engine_and_autograd_jobs_on_the_droq_settings() -> None:
+    """--preset droq-paths: per seed one engine and one autograd job, the same DroQ hyperparameters for both."""
+    tag, configs = returns.build_configs(returns.parse_args(["--preset", "droq-paths"]))
+    assert tag == "droq-paths"
+    assert configs == [returns.Config("Pendulum-v1", 2000, 5, 250, "DroQ", "paths", 500)]
+    custom = ["--env", "Pendulum-v1", "--steps", "2000", "--seeds", "5", "--setting", "DroQ", "--compare", "paths"]
+    custom_tag, custom_configs = returns.build_configs(
+        returns.parse_args([*custom, "--learning-starts", "500", "--eval-every", "250"])
+    )
+    assert custom_configs == configs and custom_tag == "Pendulum-v1_2000_DroQ_paths"
+
+    jobs = returns.build_jobs(configs, returns.parse_args(["--preset", "droq-paths"]))
+    assert [(job.seed, job.role, job.label, job.impl_kwargs) for job in jobs[:2]] == [
+        (0, "ours", "sb3_softac (engine)", {"update_engine": "auto"}),
+        (0, "ref", "sb3_softac (autograd)", {"update_engine": "autograd"}),
+    ]
+    assert len(jobs) == 10 and sorted({job.seed for job in jobs}) == [0, 1, 2, 3, 4]
+    assert all(job.module == "sb3_softac" and job.setting == "DroQ" and job.compare == "paths" for job in jobs)
+    # softac_droq.yml's MuJoCo entry (Pendulum has none), learning_starts overridden, for both sides alike.
+    droq = _packaged("softac_droq.yml")["HalfCheetah-v5"]
+    expected = {key: value for key, value in droq.items() if key not in ("policy", "n_timesteps")}
+    expected["policy_kwargs"] = eval(expected["policy_kwargs"], {"dict": dict})
+    expected["learning_starts"] = 500
+    assert all(job.hyperparams == expected for job in jobs)
+    assert expected["gradient_steps"] == expected["policy_delay"] == 20
+    assert expected["policy_kwargs"]["dropout_rate"] == 0.01 and expected["policy_kwargs"]["layer_norm"] is True
+
+    strict = returns.build_jobs(configs, returns.parse_args(["--preset", "droq-paths", "--engine-mode", "engine"]))
+    assert [job.impl_kwargs["update_engine"] for job in strict[:2]] == ["engine", "autograd"]
+    sb3_args = returns.parse_args(["--env", "Pendulum-v1"])
+    sb3_jobs = returns.build_jobs([returns.Config("Pendulum-v1", 10, 1, 10)], sb3_args)
+    assert [(job.label, job.impl_kwargs) for job in sb3_jobs] == [("sb3_softac", {}), ("SB3", {})]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--env", "Pendulum-v1", "--setting", "DroQ"], "stable_baselines3.SAC cannot run DroQ"),
+        (["--preset", "droq-paths", "--compare", "sb3"], "use either --preset or"),
+        (["--compare", "paths"], "need --env"),
+    ],
+)
+def test_returns_refuses_inconsistent_arguments(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        returns.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def _run(role: str, seed: int, path: str | None, final: float, **extra: object) -> dict:
+    label = {"ours": "sb3_softac (engine)", "ref": "sb3_softac (autograd)"}[role]
+    return {
+        **dict(env_id="Pendulum-v1", steps=2000, seed=seed, role=role, label=label, setting="DroQ", compare="paths"),
+        **dict(update_path=path, final_mean=final, train_s=60.0, curve_steps=[0, 2000], curve_returns=[0.0, final]),
+        **extra,
+    }
+
+
+def test_paths_report_marks_the_path_each_run_took() -> None:
+    runs = [
+        _run("ours", 0, "engine", -150.0),
+        _run("ours", 1, "engine", -160.0),
+        _run("ref", 0, "autograd", -155.0),
+        _run("ref", 1, "autograd", -165.0),
+    ]
+    text = returns.render_table(runs)
+    assert "| engine final return (mean +- 95% CI) | autograd final return (mean +- 95% CI) |" in text
+    assert "| Pendulum-v1 | 2000 | 2 | DroQ | -155.0 +- 63.5 | -160.0 +- 63.5 | 5.0 | 0.553 |" in text
+    assert text.splitlines()[4].endswith("| engine x2 / autograd x2 |")
+    assert "| Pendulum-v1 | 2000 | sb3_softac (engine) | 1 | -160.0 | 60 | DroQ | engine |" in text
+    assert "Not an engine-vs-autograd comparison" not in text
+
+    # A run whose engine side fell back (at the start, or during training) is marked, with the reason.
+    runs[1] = _run("ours", 1, "autograd", -160.0, engine_declined="critic dropout is covered by autograd only")
+    runs[0] = _run("ours", 0, "engine -> autograd", -150.0, update_path_warnings=["SAC update path: autograd (x)"])
+    text = returns.render_table(runs)
+    assert "| autograd x1, engine -> autograd x1 / autograd x2 |" in text
+    assert "| Pendulum-v1 | 2000 | sb3_softac (engine) | 0 | -150.0 | 60 | DroQ | engine -> autograd |" in text
+    assert (
+        "**Not an engine-vs-autograd comparison**: 2 of 2 runs of sb3_softac (engine) (DroQ on Pendulum-v1, 2000 "
+        "steps) did not take the engine throughout (autograd x1, engine -> autograd x1), so they compare autograd "
+        "with autograd. Why: SAC update path: autograd (x) / critic dropout is covered by autograd only"
+    ) in text
+    assert returns.path_summary(["engine", "engine", "autograd", "autograd"]) == "engine -> autograd"
+    assert returns.path_summary(["engine", "engine"]) == "engine"
+
+
+class _OwnFlatten(FlattenExtractor):
+    """A features extractor the update engine does not take (it takes FlattenExtractor itself only)."""
+
+
+def test_run_job_records_a_fallback_and_why() -> None:
+    job = returns.Job(
+        *("Pendulum-v1", 30, 0, "ours", "sb3_softac (engine)", "sb3_softac"),
+        dict(learning_starts=20, batch_size=16, policy_kwargs=dict(net_arch=[8], features_extractor_class=_OwnFlatten)),
+        *(15, 1, 1, "SAC", "paths", {"update_engine": "auto"}),
+    )
+    result = returns.run_job(job)
+    assert result["update_path"] == "autograd" and result["update_paths"] == ["autograd"] * 3
+    assert "features extractor _OwnFlatten" in result["engine_declined"]
+    plain = returns.run_job(dataclasses.replace(job, hyperparams=dict(learning_starts=20, batch_size=16)))
+    assert plain["update_path"] == "engine" and plain["engine_declined"] is None
+
+
+def test_returns_paths_comparison_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--compare paths --setting DroQ: JSON with every run's update path, the table, the curves."""
+    argv = [
+        *("--env", "Pendulum-v1", "--steps", "40", "--seeds", "2", "--eval-every", "20", "--learning-starts", "30"),
+        *("--setting", "DroQ", "--compare", "paths", "--eval-episodes", "1", "--curve-episodes", "1"),
+        *("--jobs", "1", *TINY_NET, "--out", str(tmp_path)),
+    ]
+    text = returns.main(argv)
+    assert text in capsys.readouterr().out
+    runs = json.loads((tmp_path / "returns_Pendulum-v1_40_DroQ_paths.json").read_text())["runs"]
+    assert sorted((r["label"], r["seed"]) for r in runs) == [
+        ("sb3_softac (autograd)", 0),
+        ("sb3_softac (autograd)", 1),
+        ("sb3_softac (engine)", 0),
+        ("sb3_softac (engine)", 1),
+    ]
+    hyperparams = runs[0]["hyperparams"]
+    assert all(r["hyperparams"] == hyperparams for r in runs) and hyperparams["learning_starts"] == 30
+    # The engine side takes what the engine covers of DroQ today; the autograd side always autograd.
+    policy_kwargs = dict(hyperparams["policy_kwargs"])
+    expected = sb3_softac.SAC(
+        "MlpPolicy", gym.make("Pendulum-v1"), **{**hyperparams, "policy_kwargs": policy_kwargs}
+    ).update_path
+    paths = {r["label"]: r["update_path"] for r in runs}
+    assert paths == {"sb3_softac (engine)": expected, "sb3_softac (autograd)": "autograd"}
+    assert f"| {expected} x2 / autograd x2 |" in text
+    assert ("Not an engine-vs-autograd comparison" in text) == (expected != "engine")
+    assert (tmp_path / "returns_Pendulum-v1_40_DroQ_paths.png").stat().st_size > 0
+    assert (tmp_path / "returns_Pendulum-v1_40_DroQ_paths.md").is_file()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN, clamp_log_std, sq
 from sb3_softac.engine import derivatives
 from sb3_softac.engine.derivatives import ActorTensors, CriticLayer, CriticTensors, Layer, Norm
 from sb3_softac.losses import actor_loss, critic_loss, reduce_critics, temperature_loss
-from sb3_softac.networks import EnsembleLayerNorm, EnsembleLinear, EnsembleMLP
+from sb3_softac.networks import EnsembleDropout, EnsembleLayerNorm, EnsembleLinear, EnsembleMLP
 from sb3_softac.torch_ops import EngineOps, engine_ops_for
 
 DTYPE = th.float64
@@ -130,7 +130,7 @@ def _engine_layers(mlp: EnsembleMLP) -> tuple[list[CriticLayer], Layer]:
     for module in mlp.layers[:-1]:
         if isinstance(module, EnsembleLinear):
             hidden.append(CriticLayer(layer(module), None, 0.0))
-        elif isinstance(module, nn.Dropout):
+        elif isinstance(module, EnsembleDropout):
             hidden[-1].dropout_rate = module.p
         elif isinstance(module, EnsembleLayerNorm):
             weight, bias = module.weight.detach(), module.bias.detach()
@@ -143,19 +143,16 @@ def _engine_layers(mlp: EnsembleMLP) -> tuple[list[CriticLayer], Layer]:
 def _critic_tensors(mlp: EnsembleMLP, layers: list[CriticLayer], x: th.Tensor) -> CriticTensors:
     n = mlp.n_members
     shapes = [(n, BATCH, layer.linear.weight.shape[2]) for layer in layers]
+    pre_norm = [
+        None if layer.norm is None else th.empty(shape, dtype=DTYPE)
+        for layer, shape in zip(layers, shapes, strict=True)
+    ]
     return CriticTensors(
         x.clone(),
         OBS_DIM,
         [th.empty(shape, dtype=DTYPE) for shape in shapes],
         th.empty(n, BATCH, 1, dtype=DTYPE),
-        [
-            None if layer.norm is None else th.empty(shape, dtype=DTYPE)
-            for layer, shape in zip(layers, shapes, strict=True)
-        ],
-        [
-            None if layer.dropout_rate == 0.0 else th.empty(shape, dtype=DTYPE)
-            for layer, shape in zip(layers, shapes, strict=True)
-        ],
+        pre_norm,
     )
 
 
@@ -190,7 +187,7 @@ def _critic_backward(
 def test_critic_backward_to_the_parameters(ops: EngineOps, critic: dict) -> None:
     """Values, and the gradients of every weight, bias and layer-norm parameter, for a random ``dL/dQ``.
 
-    Both passes draw their dropout masks after the same seed: ``nn.Dropout`` and the engine draw the same.
+    Both passes draw their drops after the same seed: ``EnsembleDropout`` and the engine drop the same elements.
     """
     mlp = _ensemble(**critic)
     generator = th.Generator().manual_seed(5)

@@ -652,13 +652,17 @@ def test_engine_steps_flush_subnormals_and_restore_the_threads_mode(
     assert flushed_in_autograd and all(value != 0.0 for value in flushed_in_autograd)
 
 
+@pytest.mark.parametrize("critic_options", [dict(), dict(dropout_rate=0.3, layer_norm=True)], ids=["plain", "droq"])
 @pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh], ids=["relu", "tanh"])
-def test_engine_forward_passes_equal_the_modules(monkeypatch: pytest.MonkeyPatch, activation: type[nn.Module]) -> None:
+def test_engine_forward_passes_equal_the_modules(
+    monkeypatch: pytest.MonkeyPatch, activation: type[nn.Module], critic_options: dict
+) -> None:
     """The engine's own actor and critic forward passes (kept for speed) give what the policy's modules give.
 
-    Log stds are pushed past both clamp bounds for some rows, so that the clamp is part of what is compared.
+    Log stds are pushed past both clamp bounds for some rows, so that the clamp is part of what is compared. With
+    dropout, both passes draw their drops after the same seed.
     """
-    model, _ = _pair(monkeypatch, 3, policy_kwargs=dict(n_critics=3, activation_fn=activation))
+    model, _ = _pair(monkeypatch, 3, policy_kwargs=dict(n_critics=3, activation_fn=activation, **critic_options))
     engine = model._engine
     assert engine.begin(model) is None
     bound = engine._bound
@@ -676,6 +680,7 @@ def test_engine_forward_passes_equal_the_modules(monkeypatch: pytest.MonkeyPatch
         derivatives.actor_forward(bound.actor_hidden, bound.mu, bound.log_std, bound.activation, rows)
         buf.critic_pass.obs.copy_(obs)
         buf.critic_pass.actions.copy_(actions)
+        th.manual_seed(4)
         derivatives.critic_forward(bound.critic, bound.critic_head, bound.activation, bound.ops, buf.critic_pass)
         engine_q = buf.q.clone()
         engine_actor = [t.clone() for t in (rows.mean, rows.log_std, rows.actions)]
@@ -683,6 +688,7 @@ def test_engine_forward_passes_equal_the_modules(monkeypatch: pytest.MonkeyPatch
     with th.no_grad():
         mean, log_std, _ = model.actor.get_action_dist_params(obs)
         expected_actions = th.tanh(mean + log_std.exp() * noise)
+        th.manual_seed(4)
         expected_q = model.critic.q_values(obs, actions)
     for actual, expected, name in zip(
         engine_actor, (mean, log_std, expected_actions), ("mean", "log_std", "actions"), strict=True

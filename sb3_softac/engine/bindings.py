@@ -23,7 +23,7 @@ from sb3_softac.engine.coverage import (
     trained_parameters,
 )
 from sb3_softac.engine.derivatives import CriticLayer, Layer, Norm
-from sb3_softac.networks import EnsembleLinear
+from sb3_softac.networks import EnsembleDropout, EnsembleLinear
 from sb3_softac.policies import Actor
 from sb3_softac.torch_ops import Activation, EngineOps
 
@@ -100,8 +100,8 @@ class Bound:
     critic_target: list[CriticLayer]
     critic_target_head: Layer
     #: The dropout layers of the critics and of the target critics, by hidden layer (None where there is none).
-    dropouts: list[nn.Dropout | None]
-    target_dropouts: list[nn.Dropout | None]
+    dropouts: list[EnsembleDropout | None]
+    target_dropouts: list[EnsembleDropout | None]
     target_parameters: list[th.Tensor]
     critic_parameters: list[th.Tensor]
     activation: Activation
@@ -178,7 +178,7 @@ class Bound:
 
     def read_dropout_modes(self) -> str | None:
         """Take each dropout layer's rate as it is now (its ``p``, or 0 in evaluation mode), or say why not."""
-        reason = dropout_reason([*self.dropouts, *self.target_dropouts])
+        reason = dropout_reason([*self.dropouts, *self.target_dropouts], self.critic_head.weight.device)
         if reason is not None:
             return reason
         for layers, dropouts in ((self.critic, self.dropouts), (self.critic_target, self.target_dropouts)):

@@ -28,8 +28,8 @@ class Buffers:
     buffer                         lives in                        why that memory is free then
     =============================  ==============================  ==============================================
     the target pass's activations  ``critic_hidden`` (and          the soft target is computed, and its
-    (and pre-norm inputs, dropout  ``pre_norm``, ``masks``), their activations dead, before the critics run
-    masks)                         first ``target_members``
+    (and pre-norm inputs)          ``pre_norm``), their first      activations dead, before the critics run
+                                   ``target_members``
     ``actor_hidden_grad``          ``critic_hidden[i][0]``, where  the actor's backward pass comes after the last
                                    the shapes match                read of the critics' activations
     ``chosen_hidden``,             ``critic_hidden_grad[i][1]``,   the critic loss's backward pass and step are
@@ -66,14 +66,10 @@ class Buffers:
             None if layer.norm is None else empty(n_critics, batch_size, w)
             for layer, w in zip(bound.critic, widths, strict=True)
         ]
-        masks = [
-            None if layer.dropout_rate == 0.0 else empty(n_critics, batch_size, w)
-            for layer, w in zip(bound.critic, widths, strict=True)
-        ]
         self.q = empty(n_critics, batch_size, 1)
         self.q_grad = empty(n_critics, batch_size, 1)
-        self.critic_pass = CriticTensors(critic_in, obs_dim, self.critic_hidden, self.q, pre_norm, masks)
-        self.actor_critic_pass = CriticTensors(actor_critic_in, obs_dim, self.critic_hidden, self.q, pre_norm, masks)
+        self.critic_pass = CriticTensors(critic_in, obs_dim, self.critic_hidden, self.q, pre_norm)
+        self.actor_critic_pass = CriticTensors(actor_critic_in, obs_dim, self.critic_hidden, self.q, pre_norm)
 
         # The target pass. Shares memory: see the table in the class docstring.
         def first_members(tensor: th.Tensor | None, needed: bool, width: int) -> th.Tensor | None:
@@ -100,10 +96,6 @@ class Buffers:
             [
                 first_members(p, t.norm is not None, w)
                 for p, t, w in zip(pre_norm, bound.critic_target, widths, strict=True)
-            ],
-            [
-                first_members(m, t.dropout_rate > 0.0, w)
-                for m, t, w in zip(masks, bound.critic_target, widths, strict=True)
             ],
         )
 

@@ -19,7 +19,7 @@ from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from sb3_softac.networks import EnsembleLayerNorm, EnsembleLinear
+from sb3_softac.networks import EnsembleDropout, EnsembleLayerNorm, EnsembleLinear
 from sb3_softac.policies import Actor, Critic, SACActor, SACPolicy
 from sb3_softac.torch_ops import Activation, EngineOps, engine_ops_for
 
@@ -27,7 +27,7 @@ ACTIVATIONS: dict[type[nn.Module], Activation] = {nn.ReLU: "relu", nn.Tanh: "tan
 _OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 
 #: A hidden layer of the critics as modules: affine, dropout (or None), layer norm (or None).
-CriticModules = tuple[EnsembleLinear, nn.Dropout | None, EnsembleLayerNorm | None]
+CriticModules = tuple[EnsembleLinear, EnsembleDropout | None, EnsembleLayerNorm | None]
 
 
 def critic_layers(
@@ -39,12 +39,12 @@ def critic_layers(
     hidden: list[CriticModules] = []
     while len(layers) > 1:
         linear = layers.pop(0)
-        dropout = layers.pop(0) if type(layers[0]) is nn.Dropout else None
+        dropout = layers.pop(0) if type(layers[0]) is EnsembleDropout else None
         norm = layers.pop(0) if layers and type(layers[0]) is EnsembleLayerNorm else None
         if type(linear) is not EnsembleLinear or not layers or type(layers.pop(0)) is not activation:
             return None
         assert isinstance(linear, EnsembleLinear)
-        assert dropout is None or isinstance(dropout, nn.Dropout)
+        assert dropout is None or isinstance(dropout, EnsembleDropout)
         assert norm is None or isinstance(norm, EnsembleLayerNorm)
         hidden.append((linear, dropout, norm))
     head = layers[0] if layers else None
@@ -53,19 +53,23 @@ def critic_layers(
     return hidden, head
 
 
-def dropout_rate(dropout: nn.Dropout | None) -> float:
+def dropout_rate(dropout: EnsembleDropout | None) -> float:
     """The rate at which a dropout layer drops now: its ``p`` in training mode, 0 in evaluation mode or without."""
     return float(dropout.p) if dropout is not None and dropout.training else 0.0
 
 
-def dropout_reason(dropouts: Sequence[nn.Dropout | None]) -> str | None:
-    """Why a critic dropout layer, as it is now, is not one the engine draws as ``nn.Dropout`` does, or None.
+def dropout_reason(dropouts: Sequence[EnsembleDropout | None], device: th.device) -> str | None:
+    """Why a critic dropout layer, as it is now, does not drop as the engine does, or None.
 
-    ``p`` may be changed on a built model. At 0 and 1 ``nn.Dropout`` draws differently (nothing at 1), so the
-    engine takes rates strictly between.
+    ``p`` may be changed on a built model. :class:`~sb3_softac.networks.EnsembleDropout` drops as the engine does
+    on the CPU, at rates strictly between 0 and 1; elsewhere it runs ``nn.Dropout``'s own kernel.
     """
     for dropout in dropouts:
-        if dropout is not None and not 0.0 < dropout.p < 1.0:
+        if dropout is None:
+            continue
+        if device.type != "cpu":
+            return f"critic dropout is covered by the engine on the CPU only, not on {device.type}"
+        if not 0.0 < dropout.p < 1.0:
             return f"a critic dropout layer drops at p={dropout.p}, not strictly between 0 and 1"
     return None
 
@@ -137,7 +141,7 @@ def unsupported_reason(model: EngineModel) -> str | None:
         structure = critic_layers(network.q_networks.layers, activation)
         if structure is None:
             return "the critics are not linear layers, dropout, layer norms and activations"
-        reason = dropout_reason([dropout for _, dropout, _ in structure[0]])
+        reason = dropout_reason([dropout for _, dropout, _ in structure[0]], structure[1].weight.device)
         if reason is not None:
             return reason
     if len(model.batch_norm_stats) > 0:

@@ -8,7 +8,8 @@ environment, against ``torch.func.vjp`` of the function it differentiates (the n
 :mod:`sb3_softac.distributions`).
 
 Notation: a critic ensemble has ``n`` members, a minibatch ``B`` rows; a hidden layer of the critics computes
-``h = act(norm(drop(x W + b)))``, with ``drop`` (dropout: a multiply by a mask of zeros and ``1 / (1 - p)``) and
+``h = act(norm(drop(x W + b)))``, with ``drop`` (dropout: zeros at the dropped elements, ``1 / (1 - p)`` times the
+others) and
 ``norm`` (layer normalisation ``xhat * gamma + beta``, ``xhat = (z - mean(z)) * rstd``) each optional; the head
 is affine with one output. The actor computes ``u = mean + std * noise``, ``a = tanh(u)``,
 ``std = exp(clamp(log_std_raw))``.
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch as th
 
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN
+from sb3_softac.networks import dropped_positions
 from sb3_softac.torch_ops import Activation, EngineOps
 
 
@@ -77,7 +79,6 @@ class CriticTensors:
     :param hidden: each hidden layer's activations ``h``, ``(n, batch, width)``
     :param q: the values, ``(n, batch, 1)``
     :param pre_norm: each hidden layer's input ``z`` of its layer normalisation (after dropout), or None without
-    :param masks: each hidden layer's dropout mask (zeros and ``1 / (1 - p)``), or None without dropout
     """
 
     def __init__(
@@ -87,10 +88,9 @@ class CriticTensors:
         hidden: list[th.Tensor],
         q: th.Tensor,
         pre_norm: list[th.Tensor | None],
-        masks: list[th.Tensor | None],
     ) -> None:
         members = q.shape[0]
-        self.x, self.hidden, self.q, self.pre_norm, self.masks = x, hidden, q, pre_norm, masks
+        self.x, self.hidden, self.q, self.pre_norm = x, hidden, q, pre_norm
         self.obs, self.actions = x[:, :obs_dim], x[:, obs_dim:]
         self.x_t = x.t()
         self.x_members = x.expand(members, *x.shape)
@@ -101,6 +101,8 @@ class CriticTensors:
         self.q_columns = [column[:, 0] for column in q]
         #: Per hidden layer with normalisation, the forward pass's ``xhat``, mean and ``rstd`` (kept for backward).
         self.normalised: list[tuple[th.Tensor, th.Tensor, th.Tensor] | None] = [None] * len(hidden)
+        #: Per hidden layer with dropout, the forward pass's dropped elements (flat indices, kept for backward).
+        self.dropped: list[th.Tensor | None] = [None] * len(hidden)
 
 
 class ActorTensors:
@@ -176,18 +178,17 @@ def critic_forward(
 
     The twin of ``Critic.q_values`` (:class:`sb3_softac.networks.EnsembleMLP`), kept here for its buffers and its
     per-critic head; ``tests/test_engine.py::test_engine_forward_passes_equal_the_modules`` holds the two equal.
-    Dropout masks are drawn here, layer by layer, as ``nn.Dropout`` draws them on the CPU (a ``bernoulli_(1 - p)``
-    of the layer's shape from the default generator, divided by ``1 - p``), so both update paths draw the same.
+    Dropout's drops are drawn here, layer by layer, as :class:`sb3_softac.networks.EnsembleDropout` draws them
+    (:func:`sb3_softac.networks.dropped_positions`), so both update paths drop the same elements.
     """
     h = t.x_members
     for i, (layer, out) in enumerate(zip(layers, t.hidden, strict=True)):
         pre = t.pre_norm[i]
         z = th.baddbmm(layer.linear.bias, h, layer.linear.weight, out=out if pre is None else pre)
-        mask = t.masks[i]
-        if mask is not None:
-            keep = 1.0 - layer.dropout_rate
-            mask.bernoulli_(keep).div_(keep)
-            z.mul_(mask)
+        if layer.dropout_rate > 0.0:
+            dropped = dropped_positions(z.numel(), layer.dropout_rate, z.device)
+            t.dropped[i] = dropped
+            z.mul_(1.0 / (1.0 - layer.dropout_rate)).view(-1).index_fill_(0, dropped, 0.0)
         if layer.norm is not None:
             normalised = ops.layer_norm(z)
             t.normalised[i] = normalised
@@ -245,7 +246,7 @@ def critic_backward(
     * head ``q = h w + b``: ``dw = h^T g``, ``db = sum_b g``, ``dh = g w^T``;
     * activation: ``g * 1[h > 0]`` (ReLU) or ``g * (1 - h^2)`` (tanh), from the output ``h``;
     * layer norm: ``dgamma = sum_b g xhat``, ``dbeta = sum_b g``, then :func:`layer_norm_backward` of ``g gamma``;
-    * dropout: ``g * mask``;
+    * dropout: ``g / (1 - p)``, zero at the dropped elements;
     * affine ``z = x W + b``: ``dW = x^T g``, ``db = sum_b g``, ``dx = g W^T``.
 
     :param hidden_grads: one ``(n, batch, width)`` tensor per hidden layer for the gradients w.r.t. it
@@ -280,9 +281,9 @@ def critic_backward(
                 th.sum(grad * xhat, dim=1, keepdim=True, out=layer.norm.grad_weight)
                 th.sum(grad, dim=1, keepdim=True, out=layer.norm.grad_bias)
             grad = layer_norm_backward(ops, grad.mul_(layer.norm.weight), pre, mean, rstd)
-        mask = t.masks[i]
-        if mask is not None:
-            grad.mul_(mask)
+        dropped = t.dropped[i]
+        if layer.dropout_rate > 0.0 and dropped is not None:
+            grad.mul_(1.0 / (1.0 - layer.dropout_rate)).view(-1).index_fill_(0, dropped, 0.0)
         if weights:
             if i == 0:
                 # The input is shared by all critics: one broadcast matmul instead of a bmm on an expanded copy.

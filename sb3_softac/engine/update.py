@@ -153,7 +153,7 @@ class UpdateEngine:
         n_critics = bound.critic_head.weight.shape[0]
         plain_targets = all(layer.norm is None and layer.dropout_rate == 0.0 for layer in bound.critic_target)
         # REDQ's subset: of plain target critics only its members are evaluated; a target with dropout evaluates
-        # every member, drawing every member's masks, and takes its subset after them, as the autograd update does.
+        # every member, drawing every member's drops, and takes its subset after them, as the autograd update does.
         subset_size = settings.critic_subset_size
         gather = subset_size is not None and subset_size < n_critics and plain_targets
         target_members = subset_size if gather and subset_size is not None else n_critics

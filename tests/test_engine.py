@@ -26,6 +26,8 @@ import sb3_softac.losses
 from sb3_softac import SAC
 from sb3_softac.distributions import LOG_STD_MAX, LOG_STD_MIN
 from sb3_softac.engine import MINIBATCHES_PER_DRAW, derivatives
+from sb3_softac.engine.coverage import dropout_reason
+from sb3_softac.networks import EnsembleDropout
 from sb3_softac.policies import SACPolicy
 
 BATCH = 32
@@ -735,3 +737,12 @@ def test_a_dropout_rate_the_engine_does_not_draw_falls_back(rate: float) -> None
     with pytest.warns(UserWarning, match=f"drops at p={rate}"):
         model.learn(5, reset_num_timesteps=False)
     assert model.update_path == "autograd"
+
+
+def test_dropout_off_the_cpu_is_left_to_autograd() -> None:
+    """Off the CPU, EnsembleDropout runs nn.Dropout's own kernel, which the engine does not reproduce."""
+    dropouts = [None, EnsembleDropout(0.1)]
+    assert dropout_reason(dropouts, th.device("cpu")) is None
+    reason = dropout_reason(dropouts, th.device("cuda"))
+    assert reason is not None and "CPU only" in reason and "cuda" in reason
+    assert dropout_reason([None], th.device("cuda")) is None

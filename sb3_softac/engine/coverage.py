@@ -3,8 +3,9 @@
 :func:`unsupported_reason` reads a model's spaces, policy, networks, optimizers and hooks and names the first thing
 the engine does not differentiate; :func:`critic_layers` reads the critics' layer structure that the engine
 binds to. The engine covers MLP policies on ``Box`` observations and actions (flatten extractor, not shared), the
-squashed-Gaussian actor without gSDE, ReLU or Tanh hidden layers, critics with dropout and layer normalisation or
-without, any number of critics (with REDQ subsets), fixed or learned temperature, and Adam/AdamW optimizers.
+squashed-Gaussian actor without gSDE, ReLU or Tanh hidden layers, critics with layer normalisation and dropout (on
+the CPU) or without, any number of critics (with REDQ subsets), fixed or learned temperature, and Adam/AdamW
+optimizers.
 """
 
 from __future__ import annotations

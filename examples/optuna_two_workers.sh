@@ -4,8 +4,8 @@
 #   bash examples/optuna_two_workers.sh   # a few minutes on 2 CPU cores (tiny budgets, for illustration)
 #
 # The study lives in an Optuna journal file (a --storage path ending in ".log"), which is enough for workers on one
-# machine (or on a shared file system). For several machines use a database URL instead, see the README. The workers
-# start together on a fresh storage: the first creates the study, the other joins it (no manual step).
+# machine (or on a shared file system). For several machines use a database URL instead (docs/zoo-and-tuning.md).
+# The workers start together on a fresh storage: the first creates the study, the other joins it (no manual step).
 # Needs: pip install 'sb3_softac[zoo]' 'rl_zoo3[plots]' (the zoo writes its study report with pandas).
 set -euo pipefail
 

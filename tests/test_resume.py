@@ -3,7 +3,7 @@
 A run with ``CheckpointCallback(save_replay_buffer=True, save_vecnormalize=True)`` is killed with SIGKILL and
 restarted from its last checkpoint: the model, replay buffer and VecNormalize statistics are the ones the run held.
 
-What a resume reproduces (measured on CPU, one thread, ``DummyVecEnv``, fixed seed; see the README's notes):
+What a resume reproduces (measured on CPU, one thread, ``DummyVecEnv``, fixed seed; see docs/files-and-safe-loading.md):
 
 * the checkpoint restores, bit for bit, what the run held when the callback ran. ``CheckpointCallback`` runs in the
   middle of environment step N: after ``env.step`` but before the transition is stored and before that step's

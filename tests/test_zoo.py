@@ -49,7 +49,7 @@ from torch import nn
 import sb3_softac
 from sb3_softac import SAC, zoo, zoo_tuning
 from sb3_softac.hyperparams import HYPERPARAMS_DIR
-from sb3_softac.networks import EnsembleLayerNorm
+from sb3_softac.networks import EnsembleDropout, EnsembleLayerNorm
 from sb3_softac.policies import CategoricalActor
 
 ZOO_HYPERPARAMS = Path(rl_zoo3.__file__).parent / "hyperparams"
@@ -340,10 +340,10 @@ def test_zoo_configuration_files_build_what_they_name(variant: str) -> None:
     kinds = {type(m) for m in model.critic.q_networks.modules()}
     if variant == "droq":
         assert model.critic.n_critics == 2 and model.critic_subset_size is None and model.actor_q_reduction == "min"
-        assert {nn.Dropout, EnsembleLayerNorm} <= kinds
+        assert {EnsembleDropout, EnsembleLayerNorm} <= kinds
     else:
         assert model.critic.n_critics == 10 and model.critic_subset_size == 2 and model.actor_q_reduction == "mean"
-        assert not {nn.Dropout, EnsembleLayerNorm} & kinds
+        assert not {nn.Dropout, EnsembleDropout, EnsembleLayerNorm} & kinds
 
 
 # --------------------------------------------------------------------------------------------------------------------

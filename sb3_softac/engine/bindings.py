@@ -113,6 +113,11 @@ class Bound:
     log_ent_coef_grad: th.Tensor | None
     fixed_ent_coef: th.Tensor | None
     grads: list[tuple[th.Tensor, th.Tensor]] = field(default_factory=list)
+    #: The critics' affine layers, the head last.
+    critic_affine: list[Layer] = field(default_factory=list)
+    #: Whether the critics (the target critics) have neither layer norm nor dropout now (see read_dropout_modes).
+    plain_critics: bool = True
+    plain_targets: bool = True
 
     @classmethod
     def from_model(cls, model: EngineModel, ops: EngineOps) -> Bound:
@@ -167,6 +172,7 @@ class Bound:
             fixed_ent_coef=model.ent_coef_tensor,
         )
         critic_linear = [layer.linear for layer in critic_hidden]
+        bound.critic_affine = [*critic_linear, bound.critic_head]
         norms = [layer.norm for layer in critic_hidden if layer.norm is not None]
         layers: list[Layer | Norm] = [*bound.actor_hidden, bound.mu, bound.log_std, *critic_linear, bound.critic_head]
         for layer in [*layers, *norms]:
@@ -184,6 +190,8 @@ class Bound:
         for layers, dropouts in ((self.critic, self.dropouts), (self.critic_target, self.target_dropouts)):
             for layer, dropout in zip(layers, dropouts, strict=True):
                 layer.dropout_rate = dropout_rate(dropout)
+        self.plain_critics = all(layer.norm is None and layer.dropout_rate == 0.0 for layer in self.critic)
+        self.plain_targets = all(layer.norm is None and layer.dropout_rate == 0.0 for layer in self.critic_target)
         return None
 
     def grads_in_place(self) -> bool:

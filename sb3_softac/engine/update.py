@@ -151,11 +151,10 @@ class UpdateEngine:
         obs = replay_data.observations.flatten(1)
         batch_size, obs_dim = obs.shape
         n_critics = bound.critic_head.weight.shape[0]
-        plain_targets = all(layer.norm is None and layer.dropout_rate == 0.0 for layer in bound.critic_target)
         # REDQ's subset: of plain target critics only its members are evaluated; a target with dropout evaluates
         # every member, drawing every member's drops, and takes its subset after them, as the autograd update does.
         subset_size = settings.critic_subset_size
-        gather = subset_size is not None and subset_size < n_critics and plain_targets
+        gather = subset_size is not None and subset_size < n_critics and bound.plain_targets
         target_members = subset_size if gather and subset_size is not None else n_critics
         buf = self._buffers_for(batch_size, obs_dim, replay_data.actions.shape[1], bound.mu.weight, target_members)
         if bound.log_ent_coef is not None:
@@ -266,11 +265,10 @@ class UpdateEngine:
         q_pi = reduce_critics(buf.q, reduction)
         loss_pi = actor_loss(q_pi, log_prob, ent_coef)
         n_critics = buf.q.shape[0]
-        plain = all(layer.norm is None and layer.dropout_rate == 0.0 for layer in bound.critic)
         action_grad: th.Tensor | None
-        if reduction == "min" and n_critics > 1 and plain and _counts_on_host(buf.q.device):
+        if reduction == "min" and n_critics > 1 and bound.plain_critics and _counts_on_host(buf.q.device):
             action_grad = derivatives.chosen_critic_action_grad(
-                [*(layer.linear for layer in bound.critic), bound.critic_head],
+                bound.critic_affine,
                 bound.activation,
                 bound.ops,
                 buf.q,

@@ -190,8 +190,8 @@ class Bound:
         for layers, dropouts in ((self.critic, self.dropouts), (self.critic_target, self.target_dropouts)):
             for layer, dropout in zip(layers, dropouts, strict=True):
                 layer.dropout_rate = dropout_rate(dropout)
-        self.plain_critics = all(layer.norm is None and layer.dropout_rate == 0.0 for layer in self.critic)
-        self.plain_targets = all(layer.norm is None and layer.dropout_rate == 0.0 for layer in self.critic_target)
+        self.plain_critics = all(layer.plain for layer in self.critic)
+        self.plain_targets = all(layer.plain for layer in self.critic_target)
         return None
 
     def grads_in_place(self) -> bool:

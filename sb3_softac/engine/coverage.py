@@ -48,9 +48,10 @@ def critic_layers(
         assert dropout is None or isinstance(dropout, EnsembleDropout)
         assert norm is None or isinstance(norm, EnsembleLayerNorm)
         hidden.append((linear, dropout, norm))
-    head = layers[0] if layers else None
-    if not isinstance(head, EnsembleLinear) or type(head) is not EnsembleLinear:
+    if len(layers) != 1 or type(layers[0]) is not EnsembleLinear:
         return None
+    head = layers[0]
+    assert isinstance(head, EnsembleLinear)
     return hidden, head
 
 

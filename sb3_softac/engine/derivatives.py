@@ -71,6 +71,11 @@ class CriticLayer:
     norm: Norm | None
     dropout_rate: float
 
+    @property
+    def plain(self) -> bool:
+        """Whether the layer is affine and activation only (no layer norm, no dropout now)."""
+        return self.norm is None and self.dropout_rate == 0.0
+
 
 class CriticTensors:
     """One evaluation of an ensemble on one ``(batch, obs + action)`` input: the tensors its backward pass reads.
